@@ -1,0 +1,212 @@
+"""Weights in and out: edgeres checkpoints, bare torchvision-style state_dicts, research layouts.
+
+Every load goes through `torch.load(..., weights_only=True)`: a file that needs arbitrary
+unpickling is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeres import models
+from edgeres.data import data_roots
+from edgeres.errors import CheckpointError
+from edgeres.io import atomic_write, sha256sum
+
+log = logging.getLogger("edgeres")
+FORMAT = "edgeres-checkpoint/1"
+
+# Weight tags (`resnet20.cifar10_akamaster`): file under a data root, with its full sha256.
+PRETRAINED: dict[tuple[str, str], tuple[str, str]] = {
+    ("resnet20", "cifar10_akamaster"): (
+        "pretrained/akamaster_pytorch_resnet_cifar10/resnet20-12fca82f.th",
+        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    ),
+    ("resnet32", "cifar10_akamaster"): (
+        "pretrained/akamaster_pytorch_resnet_cifar10/resnet32-d509ac18.th",
+        "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+    ),
+    ("resnet44", "cifar10_akamaster"): (
+        "pretrained/akamaster_pytorch_resnet_cifar10/resnet44-014dd654.th",
+        "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+    ),
+    ("resnet56", "cifar10_akamaster"): (
+        "pretrained/akamaster_pytorch_resnet_cifar10/resnet56-4bfd9763.th",
+        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+    ),
+}
+
+
+@dataclass
+class Checkpoint:
+    """A state_dict in edgeres key names, plus what the file said about the model."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str  # "edgeres" | "research" | "state_dict"
+    model: str | None = None
+    cfg: dict | None = None
+    pruned: dict | None = None
+    extra: dict | None = None
+
+
+def _safe_load(path: Path) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is not a weights-only checkpoint (it asks to unpickle code); "
+            "re-save it as a plain state_dict with torch.save(model.state_dict(), ...)"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on garbage bytes; all mean "not a checkpoint"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({first[:120]})") from exc
+
+
+def _normalise_keys(sd: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"state_dict entry {key!r} is not a tensor; not a model checkpoint")
+        if key.startswith("module."):  # DataParallel / DDP prefix
+            key = key[len("module.") :]
+        if key.startswith("linear."):  # research CIFAR layout names the head `linear`
+            key = "fc." + key[len("linear.") :]
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read any supported layout; raises CheckpointError with one readable line otherwise."""
+    path = Path(path)
+    obj = _safe_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    if obj.get("format") == FORMAT:
+        return Checkpoint(
+            _normalise_keys(obj["state_dict"]), "edgeres", obj.get("model"), obj.get("cfg"), obj.get("pruned"),
+            obj.get("extra"),
+        )
+    if isinstance(obj.get("state_dict"), dict):
+        return Checkpoint(_normalise_keys(obj["state_dict"]), "research")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return Checkpoint(_normalise_keys(obj), "state_dict")
+    raise CheckpointError(f"{path} has no state_dict (keys: {', '.join(map(str, list(obj)[:5]))})")
+
+
+def resolve_weights(name: str) -> Path | None:
+    """The file for a weights tag such as `resnet20.cifar10_akamaster`, verified by sha256."""
+    base, tag = models.split_name(name)
+    if tag is None:
+        return None
+    if (base, tag) not in PRETRAINED:
+        known = ", ".join(f"{b}.{t}" for b, t in PRETRAINED)
+        raise CheckpointError(f"unknown weights tag {name!r}; known: {known}")
+    rel, digest = PRETRAINED[(base, tag)]
+    for root in data_roots():
+        path = root / rel
+        if path.is_file():
+            if sha256sum(path) != digest:
+                raise CheckpointError(f"{path} fails its sha256 check; replace it with the published file")
+            return path
+    roots = ", ".join(str(r) for r in data_roots())
+    raise CheckpointError(f"weights {name!r} not found under {roots}; set EDGERES_DATA or pass --weights PATH")
+
+
+def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, replace_head: bool) -> None:
+    own = model.state_dict()
+    if replace_head:
+        head = {k for k in sd if k.startswith("fc.")}
+        if any(k in own and own[k].shape != sd[k].shape for k in head):
+            log.info("replacing the classifier: %s has %d classes, the model %d",
+                     source, sd["fc.weight"].shape[0], own["fc.weight"].shape[0])
+            sd = {k: v for k, v in sd.items() if k not in head}
+            sd.update({k: own[k] for k in head if k in own})
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{source} does not fit {model.cfg.name}: {what} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys); check the model name and options"
+        )
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(
+                f"{source} does not fit {model.cfg.name}: {k} is {tuple(v.shape)} in the file, "
+                f"{tuple(own[k].shape)} in the model; check --num-classes / --width"
+            )
+    model.load_state_dict(sd, strict=False)
+
+
+def load_model(
+    name: str | None,
+    weights: str | os.PathLike | None = None,
+    *,
+    num_classes: int | None = None,
+    **arch,
+) -> nn.Module:
+    """Build `name` and load weights from a file or a weights tag in the name.
+
+    An edgeres checkpoint names its own model, preprocessing and pruned shape. `num_classes`
+    different from the checkpoint's replaces the classifier and keeps the rest (transfer learning).
+    """
+    ckpt = None
+    source = None
+    if weights is not None:
+        ckpt, source = read_checkpoint(weights), str(weights)
+    elif name is not None and (tagged := resolve_weights(name)) is not None:
+        ckpt, source = read_checkpoint(tagged), name
+    if name is None:
+        if ckpt is None or ckpt.model is None:
+            raise CheckpointError("no model name given and the checkpoint does not name one; pass MODEL")
+        name = ckpt.model
+    base = models.split_name(name)[0]
+    opts = dict(arch)
+    if ckpt is not None and ckpt.cfg:
+        saved = ckpt.cfg
+        opts = {**saved.get("arch", {}), **opts}
+        opts.setdefault("input_size", saved.get("input_size"))
+        opts.setdefault("dataset", saved.get("dataset"))
+    if ckpt is not None and num_classes is None and "fc.weight" in ckpt.state_dict:
+        num_classes = int(ckpt.state_dict["fc.weight"].shape[0])
+    model = models.create(base, num_classes=num_classes, **opts)
+    if ckpt is not None and ckpt.cfg:
+        from dataclasses import replace
+
+        model.cfg = replace(model.cfg, mean=tuple(ckpt.cfg["mean"]), std=tuple(ckpt.cfg["std"]))
+    if ckpt is not None and ckpt.pruned:
+        from edgeres.compress.prune import apply_pruned_spec
+
+        apply_pruned_spec(model, ckpt.pruned)
+    if ckpt is not None:
+        _fit_state_dict(model, ckpt.state_dict, source, replace_head=True)
+    return model
+
+
+def checkpoint_dict(model: nn.Module, *, pruned: dict | None = None, extra: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "model": model.cfg.name,
+        "cfg": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "pruned": pruned,
+        "extra": extra or {},
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, pruned: dict | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write an edgeres checkpoint atomically; it loads with weights_only=True."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint_dict(model, pruned=pruned, extra=extra), tmp)
+    return path

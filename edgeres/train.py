@@ -1,0 +1,539 @@
+"""Training and evaluation: one epoch, evaluation, and the paper recipe (He et al. 2015, sec. 4.2).
+
+`train_model` runs SGD with momentum 0.9, lr 0.1, batch 128 and lr /10 at 50% and 75% of the
+iterations (the paper's 32k and 48k of 64k), or a cosine schedule. Every epoch it writes
+`last.pt` (weights plus optimizer, scheduler, RNG and history) so `resume=True` continues to
+bitwise the same weights; `best.pt` is a plain edgeres checkpoint of the best test accuracy.
+Under torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel, each process on its
+shard of the data; only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from edgeres.checkpoint import checkpoint_dict, save_checkpoint
+from edgeres.data import Dataset, batches, num_batches
+from edgeres.errors import CheckpointError, EdgeresError
+from edgeres.io import atomic_write
+from edgeres.progress import info, progress
+
+SCHEDULES = ("step", "cosine")
+STEP_POINTS = (0.5, 0.75)  # lr /10 at 32k and 48k of 64k iterations (He et al. 2015, sec. 4.2)
+WEIGHT_DECAY = {"wrn": 5e-4}  # Zagoruyko & Komodakis 2016; every other family uses the ResNet paper's 1e-4
+DEFAULT_WEIGHT_DECAY = 1e-4
+STATE = "edgeres-train-state/1"
+NOT_COMPARED = ("device",)  # config fields that may change between a run and its resume
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Top-1 on a data split; accuracy and error in percent."""
+
+    correct: int
+    total: int
+    top1_accuracy: float
+    top1_error: float
+    loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; the defaults are the CIFAR ResNet paper's (~64k iterations at batch 128)."""
+
+    epochs: int = 164
+    batch_size: int = 128  # per process (global = batch_size * world_size)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None -> 5e-4 for model.cfg.family == "wrn", else 1e-4
+    schedule: str = "step"  # "step" (/10 at 50% and 75%) | "cosine"
+    warmup_epochs: int = 0
+    seed: int = 0
+    eval_every: int = 1  # evaluate on the test set every N epochs (and at the end)
+    device: str | None = None  # None -> cuda if available else cpu
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs: int
+    final: EvalResult
+    best_accuracy: float
+    checkpoint: Path
+    history: list[dict]
+
+    def to_dict(self) -> dict:
+        return {
+            "epochs": self.epochs,
+            "final": self.final.to_dict(),
+            "best_accuracy": self.best_accuracy,
+            "checkpoint": str(self.checkpoint),
+            "history": self.history,
+        }
+
+
+# ---------------------------------------------------------------- one epoch, evaluation
+
+
+@contextlib.contextmanager
+def _bar(desc: str, total: int | None, show: bool) -> Iterator[Callable[[str], None]]:
+    """Yield `advance(status)`; a bar on stderr only where `show` (rank 0)."""
+    if not show:
+        yield lambda status: None
+        return
+    with progress() as bar:
+        task = bar.add_task(desc, total=total, status="")
+        yield lambda status: bar.update(task, advance=1, status=status)
+
+
+def run_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "train",
+    device: torch.device | str = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    show: bool = True,
+) -> EpochStats:
+    """One pass of SGD over `batches`; `scheduler` steps per iteration when given; AMP with `scaler`."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, correct, seen = 0.0, 0, 0
+    use_amp = scaler is not None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with _bar(desc, total, show) as advance:
+        for x, y in batches:
+            x = x.to(device, non_blocking=True, memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=torch.device(device).type, enabled=use_amp):
+                logits = model(x)
+                loss = criterion(logits, y)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            n = y.numel()
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            advance(f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}%")
+    return EpochStats(loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1), seen)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    total: int | None = None,
+    desc: str = "eval",
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    amp: bool = False,
+    show: bool = True,
+) -> EvalResult:
+    """Top-1 accuracy/error (percent) of `model` over `batches`."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, correct, seen = 0.0, 0, 0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with _bar(desc, total, show) as advance:
+        for x, y in batches:
+            x, y = x.to(device, memory_format=fmt), y.to(device)
+            with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+                logits = model(x)
+            loss_sum += float(criterion(logits.float(), y))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            advance(f"acc {100 * correct / seen:.2f}%")
+    return result_from_counts(correct, seen, loss_sum)
+
+
+def result_from_counts(correct: int, total: int, loss_sum: float = float("nan")) -> EvalResult:
+    acc = 100.0 * correct / max(total, 1)
+    loss = loss_sum / max(total, 1)
+    return EvalResult(int(correct), int(total), round(acc, 4), round(100.0 - acc, 4), loss)
+
+
+# ---------------------------------------------------------------- the recipe's pieces
+
+
+def default_weight_decay(model: nn.Module) -> float:
+    """5e-4 for Wide ResNets (their paper), 1e-4 for ResNets (He et al. 2015)."""
+    return WEIGHT_DECAY.get(model.cfg.family, DEFAULT_WEIGHT_DECAY)
+
+
+def lr_factor(iteration: int, total: int, *, schedule: str = "step", warmup: int = 0) -> float:
+    """Multiplier of the base lr at `iteration` (0-based) of `total`; linear warm-up over `warmup`."""
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if schedule == "step":
+        return 0.1 ** sum(iteration >= int(p * total) for p in STEP_POINTS)
+    progress_ = (iteration - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, iters_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration LambdaLR following `lr_factor` over cfg.epochs * iters_per_epoch iterations."""
+    total, warmup = cfg.epochs * iters_per_epoch, cfg.warmup_epochs * iters_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total, schedule=cfg.schedule, warmup=warmup)
+    )
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    problems = []
+    if cfg.epochs < 1:
+        problems.append(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        problems.append(f"batch size must be >= 1, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        problems.append(f"lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        problems.append(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay is not None and cfg.weight_decay < 0:
+        problems.append(f"weight decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0 <= cfg.warmup_epochs < max(cfg.epochs, 1):
+        problems.append(f"warmup epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+    if cfg.eval_every < 1:
+        problems.append(f"eval every must be >= 1 epoch, got {cfg.eval_every}")
+    if problems:
+        raise EdgeresError("bad training options: " + "; ".join(problems))
+
+
+def _pick_device(requested: str | None) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise EdgeresError(f"unknown device {requested!r}; pass cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EdgeresError("device cuda asked for but no GPU is available; pass --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
+    return device
+
+
+def _start_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world, started_here): joins torchrun's group when WORLD_SIZE > 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise EdgeresError("WORLD_SIZE > 1 but this PyTorch has no torch.distributed; run one process")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _sum_across(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _shard(ds: Dataset, rank: int, world: int) -> Dataset:
+    """Every world-th image from `rank`, unpadded, so evaluation counts each image once."""
+    if world == 1:
+        return ds
+    images, labels = ds.images[rank::world], ds.labels[rank::world]
+    return Dataset(ds.name, ds.split, images, labels, ds.classes, ds.synthetic)
+
+
+def _evaluate(model: nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device, rank: int, world: int,
+              desc: str) -> EvalResult:
+    part = _shard(ds, rank, world)
+    cuda = device.type == "cuda"
+    res = evaluate(
+        model, batches(part, cfg.batch_size, mean=model.cfg.mean, std=model.cfg.std),
+        total=num_batches(part, cfg.batch_size), desc=desc, device=device, channels_last=cuda, amp=cuda,
+        show=rank == 0,
+    )
+    correct, total, loss_sum = _sum_across([res.correct, res.total, res.loss * res.total], device, world)
+    return result_from_counts(round(correct), round(total), loss_sum)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _gather_rng(device: torch.device, world: int) -> list[dict]:
+    """Every process's RNG state (dropout), so a resumed run draws the same numbers on every rank."""
+    mine = _rng_state(device)
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    dist.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+    return states
+
+
+def _set_rng(states: list[dict], rank: int, device: torch.device) -> None:
+    state = states[rank]
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def data_fingerprint(ds: Dataset) -> dict:
+    """What identifies the training data for resume: name, shape and a hash of the labels."""
+    labels = hashlib.sha256(ds.labels.cpu().numpy().tobytes()).hexdigest()
+    return {"name": ds.name, "images": len(ds), "shape": list(ds.images.shape[1:]), "labels_sha256": labels}
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _read_state(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(
+            f"nothing to resume: {path} does not exist; start without --resume or pass the run's --out"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise CheckpointError(f"cannot resume from {path}: unreadable training checkpoint ({first})") from exc
+    if not isinstance(state, dict) or state.get("train_state") != STATE:
+        raise CheckpointError(f"cannot resume from {path}: not an edgeres training checkpoint (last.pt)")
+    return state
+
+
+def _differences(saved: dict, now: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"{key} {saved.get(key)!r} in last.pt, {now.get(key)!r} now"
+        for key in sorted(set(saved) | set(now))
+        if key not in skip and saved.get(key) != now.get(key)
+    ]
+
+
+def _check_resumable(state: dict, path: Path, model: nn.Module, pruned: dict | None, run_cfg: dict,
+                     data: dict, world: int) -> None:
+    """Raise naming what differs between the saved run and this one; resuming must continue it exactly."""
+    if state.get("model") != model.cfg.name:
+        raise EdgeresError(
+            f"cannot resume {path}: it trains {state.get('model')}, not {model.cfg.name}; "
+            "pass the same MODEL or choose another --out"
+        )
+    diffs = _differences(state.get("cfg") or {}, model.cfg.to_dict())
+    if (state.get("pruned") or None) != (pruned or None):
+        diffs.append("pruned layer shapes differ")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state["state_dict"].items()}
+    if not diffs and own != saved:
+        diffs.append("state_dict keys or shapes differ")
+    if diffs:
+        raise EdgeresError(
+            f"cannot resume {path}: the model differs ({'; '.join(diffs)}); pass the same model options"
+        )
+    diffs = _differences(state.get("train_config") or {}, run_cfg, skip=NOT_COMPARED)
+    if state.get("world_size") != world:
+        diffs.append(f"processes {state.get('world_size')} in last.pt, {world} now")
+    if diffs:
+        raise EdgeresError(
+            f"cannot resume {path}: the training options differ ({'; '.join(diffs)}); "
+            "pass the same options or choose another --out"
+        )
+    diffs = _differences(state.get("data") or {}, data)
+    if diffs:
+        raise EdgeresError(
+            f"cannot resume {path}: the training data differ ({'; '.join(diffs)}); pass the same --data"
+        )
+
+
+def _eval_from_dict(d: dict) -> EvalResult:
+    return EvalResult(int(d["correct"]), int(d["total"]), float(d["top1_accuracy"]), float(d["top1_error"]),
+                      float(d["loss"]))
+
+
+def _final_eval(history: list[dict]) -> EvalResult:
+    for entry in reversed(history):
+        if entry.get("test"):
+            return _eval_from_dict(entry["test"])
+    raise CheckpointError("the saved history holds no evaluation; the run's last.pt is incomplete")
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def train_model(
+    model: nn.Module,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    extra_checkpoint: dict | None = None,
+) -> TrainResult:
+    """Train `model` in place with the paper recipe; checkpoints in out_dir (last.pt, best.pt, history.json).
+
+    `resume=True` continues out_dir/last.pt to the same weights an uninterrupted run reaches. The
+    model's initial weights are the caller's: seed before building it for a reproducible start.
+    """
+    _check_config(cfg)
+    if len(train_ds) == 0 or len(test_ds) == 0:
+        raise EdgeresError("the training and test data must not be empty; check --data")
+    out_dir = Path(out_dir)
+    last_path, best_path, history_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "history.json"
+    if not resume and last_path.exists():
+        raise EdgeresError(
+            f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    device = _pick_device(cfg.device)
+    rank, world, started = _start_distributed(device)
+    try:
+        return _train(model, train_ds, test_ds, cfg, device, rank, world, resume, extra_checkpoint or {},
+                      last_path, best_path, history_path)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, device: torch.device,
+           rank: int, world: int, resume: bool, extra: dict, last_path: Path, best_path: Path,
+           history_path: Path) -> TrainResult:
+    wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(model)
+    run_cfg = replace(cfg, weight_decay=wd).to_dict()
+    pruned = getattr(model, "edgeres_pruned", None)
+    data = data_fingerprint(train_ds)
+    state = _read_state(last_path) if resume else None
+    if state is not None:
+        _check_resumable(state, last_path, model, pruned, run_cfg, data, world)
+        model.load_state_dict(state["state_dict"])
+        if state["epoch"] >= cfg.epochs:  # already complete: nothing to train
+            history = list(state["history"])
+            return TrainResult(state["epoch"], _final_eval(history), float(state["best_accuracy"]), last_path,
+                               history)
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed + rank)  # dropout; the data order comes from batches(seed, epoch)
+    if cuda:
+        model.to(device, memory_format=torch.channels_last)
+    iters = num_batches(train_ds, cfg.batch_size, world)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    scheduler = make_scheduler(optimizer, cfg, iters)
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    start, best, history = 0, -1.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng(state["rng"], rank, device)
+        start, best, history = int(state["epoch"]), float(state["best_accuracy"]), list(state["history"])
+        if rank == 0:
+            info(f"resuming {last_path} at epoch {start + 1}/{cfg.epochs}")
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) \
+        if world > 1 else model
+
+    final = None
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        stats = run_epoch(
+            net,
+            batches(train_ds, cfg.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
+                    seed=cfg.seed, epoch=epoch, rank=rank, world=world),
+            optimizer, scheduler, total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", device=device,
+            scaler=scaler, channels_last=cuda, show=rank == 0,
+        )
+        if world > 1:  # BN running stats differ per rank after the last step: keep rank 0's everywhere
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        loss_sum, correct, seen = _sum_across(
+            [stats.loss * stats.images, stats.accuracy * stats.images / 100, stats.images], device, world
+        )
+        entry = {
+            "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
+            "train_accuracy": 100 * correct / seen, "train_images": round(seen), "iterations": iters,
+            "test": None,
+        }
+        improved = False
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            final = _evaluate(model, test_ds, cfg, device, rank, world, desc=f"test {epoch + 1}/{cfg.epochs}")
+            entry["test"] = final.to_dict()
+            improved = final.top1_accuracy > best
+            best = max(best, final.top1_accuracy)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(entry)
+        rng = _gather_rng(device, world)
+        if rank == 0:
+            _write_epoch(model, pruned, extra, entry, history, improved, rng, optimizer, scheduler, scaler,
+                         run_cfg, data, world, best, last_path, best_path, history_path)
+    if final is None:
+        final = _final_eval(history)
+    return TrainResult(cfg.epochs, final, best, last_path, history)
+
+
+def _write_epoch(model: nn.Module, pruned: dict | None, extra: dict, entry: dict, history: list[dict],
+                 improved: bool, rng: list[dict], optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                 run_cfg: dict, data: dict, world: int, best: float, last_path: Path, best_path: Path,
+                 history_path: Path) -> None:
+    """best.pt (if improved), history.json, then last.pt: each whole or not at all."""
+    test = entry["test"]
+    if improved:
+        save_checkpoint(best_path, model, pruned=pruned,
+                        extra={**extra, "epoch": entry["epoch"], "test": test, "train_config": run_cfg})
+    with atomic_write(history_path) as tmp:
+        tmp.write_text(json.dumps(history, indent=1) + "\n")
+    state = checkpoint_dict(model, pruned=pruned, extra=extra)
+    state.update(
+        train_state=STATE, epoch=entry["epoch"], optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+        rng=rng, history=history, train_config=run_cfg, data=data, world_size=world, best_accuracy=best,
+    )
+    with atomic_write(last_path) as tmp:
+        torch.save(state, tmp)
+    line = (f"epoch {entry['epoch']}  lr {entry['lr']:.4g}  loss {entry['train_loss']:.4f}  "
+            f"train {entry['train_accuracy']:.2f}%")
+    if test:
+        line += f"  test {test['top1_accuracy']:.2f}% (best {best:.2f}%)"
+    info(line + f"  {entry['seconds']:.1f}s")
