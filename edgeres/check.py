@@ -1,0 +1,343 @@
+"""Lint an ONNX model against a target: every construct TensorRT rejects or runs slowly, by node.
+
+TensorRT rules (NOTES-quantization, "TensorRT"): explicit quantization only, Q/DQ in int8 with
+zero point 0, per-channel weight scales on the output-channel axis (axis 0 for Conv), opset >= 13
+for per-channel, per-tensor activations, and the residual Add quantized on its identity input so
+that Conv + Add fuse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from edgeres.errors import ExportError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgeres.targets import Target
+
+Severity = Literal["error", "warning"]
+MODEL = "(model)"  # the `node` of findings about the model as a whole
+
+# Domains each runtime executes besides the standard one.
+_RUNTIME_DOMAINS = {
+    "tensorrt": set(),
+    "onnxruntime": {"com.microsoft"},
+    "openvino": {"org.openvinotoolkit"},
+}
+# Ops TensorRT runs in INT8 (or fuses into an INT8 neighbour) when they sit between Q/DQ.
+_INT8_OPS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Relu", "Clip", "LeakyRelu", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "GlobalMaxPool", "Concat", "Flatten", "Reshape", "Transpose", "Squeeze",
+    "Unsqueeze", "Identity", "Pad", "Slice", "QuantizeLinear", "DequantizeLinear",
+}
+# Ops the ONNX parser first accepted in TensorRT 8.5 (onnx-tensorrt CHANGELOG, "TensorRT 8.5 GA Release").
+_OPS_SINCE_8_5 = {
+    "RandomNormal", "RandomUniform", "MeanVarianceNormalization", "RoiAlign", "Mod", "Trilu", "GridSample",
+    "NonZero",
+}
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Severity
+    rule: str
+    node: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: [{self.rule}] {self.node}: {self.message}"
+
+
+@dataclass
+class CheckReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def rules(self) -> set[str]:
+        return {f.rule for f in self.findings}
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "findings": [asdict(f) for f in self.findings]}
+
+    def raise_for_errors(self, what: str = "model") -> None:
+        """Raise ExportError listing the errors, if any."""
+        if self.errors:
+            first = "; ".join(str(f) for f in self.errors[:3])
+            more = f" (+{len(self.errors) - 3} more)" if len(self.errors) > 3 else ""
+            raise ExportError(f"{what} is not valid for the target: {first}{more}; see `edgeres check`")
+
+
+# --- graph view ---------------------------------------------------------------------------------------
+
+
+class GraphView:
+    """Producers, consumers and constant values of one ONNX graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from onnx import numpy_helper
+
+        self.model = model
+        self.graph = model.graph
+        self.nodes = list(model.graph.node)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.label: dict[int, str] = {}
+        for i, node in enumerate(self.nodes):
+            self.label[id(node)] = node.name or f"{node.op_type}#{i}"
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
+            elif node.op_type == "Identity" and node.input[0] in self.consts:
+                self.consts[node.output[0]] = self.consts[node.input[0]]   # the TorchScript exporter's habit
+
+    def name(self, node: onnx.NodeProto) -> str:
+        return self.label[id(node)]
+
+    def of_type(self, *ops: str) -> Iterator[onnx.NodeProto]:
+        return (n for n in self.nodes if n.op_type in ops)
+
+    def const(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        if index < len(node.input) and node.input[index]:
+            return self.consts.get(node.input[index])
+        return None
+
+    def has_qdq(self) -> bool:
+        return any(n.op_type in _QDQ for n in self.nodes)
+
+    def is_weight(self, dq: onnx.NodeProto) -> bool:
+        """True for a DequantizeLinear on a constant, directly or through its QuantizeLinear."""
+        src = dq.input[0]
+        if src in self.consts:
+            return True
+        q = self.producer.get(src)
+        return q is not None and q.op_type == "QuantizeLinear" and q.input[0] in self.consts
+
+    def source(self, tensor: str) -> onnx.NodeProto | None:
+        """Producer of `tensor`, looking through BatchNormalization / Identity."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in ("BatchNormalization", "Identity"):
+            node = self.producer.get(node.input[0])
+        return node
+
+    def behind_qdq(self, tensor: str) -> str | None:
+        """If `tensor` is DQ(Q(t)), return t."""
+        dq = self.producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        q = self.producer.get(dq.input[0])
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+Rule = Callable[[GraphView, "Target"], Iterator[Finding]]
+
+
+def _opset_range(g: GraphView, target: Target) -> Iterator[Finding]:
+    if not target.admits_opset(g.opset):
+        lo, hi = target.onnx_opset
+        yield Finding("error", "opset-range", MODEL,
+                      f"opset {g.opset} is outside {target.name}'s range {lo}..{hi}; export with opset {hi}")
+
+
+def _custom_domains(g: GraphView, target: Target) -> Iterator[Finding]:
+    allowed = {"", "ai.onnx"} | _RUNTIME_DOMAINS.get(target.runtime, set())
+    for node in g.nodes:
+        if node.domain not in allowed:
+            yield Finding("error", "custom-domain", g.name(node),
+                          f"{node.domain}::{node.op_type} is not a standard ONNX op and {target.runtime} "
+                          "cannot run it; strip the quantizer (nncf.strip) before export")
+
+
+def _dynamic_shapes(g: GraphView, target: Target) -> Iterator[Finding]:
+    for inp in g.graph.input:
+        if inp.name in g.consts or not inp.type.HasField("tensor_type"):
+            continue
+        for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if axis > 0 and not (dim.HasField("dim_value") and dim.dim_value > 0):
+                what = dim.dim_param or "?"
+                yield Finding("warning", "dynamic-shape", inp.name,
+                              f"dimension {axis} is dynamic ({what}); only the batch dimension should be: "
+                              "export with a fixed input size")
+
+
+def _per_channel(g: GraphView, target: Target) -> Iterator[Finding]:
+    for dq in g.of_type("DequantizeLinear"):
+        scale = g.const(dq, 1)
+        if scale is None or scale.size <= 1:
+            continue
+        if g.opset < 13:
+            yield Finding("error", "per-channel-opset", g.name(dq),
+                          f"per-channel quantization needs opset >= 13, the model has {g.opset}")
+        if target.runtime != "tensorrt":
+            continue
+        if not g.is_weight(dq):
+            yield Finding("error", "per-channel-activation", g.name(dq),
+                          f"activation {dq.input[0]!r} is quantized per channel ({scale.size} scales); "
+                          "TensorRT needs per-tensor activation scales")
+            continue
+        weight = g.consts.get(dq.input[0])
+        if weight is None:
+            weight = g.consts[g.producer[dq.input[0]].input[0]]
+        axis = _attr(dq, "axis", 1)
+        axis = axis + weight.ndim if axis < 0 else axis
+        users = g.consumers.get(dq.output[0], [])
+        expected = _output_channel_axis(users[0], weight.ndim) if users else 0
+        if axis != expected:
+            yield Finding("error", "per-channel-axis", g.name(dq),
+                          f"weight {weight.shape} is quantized per channel on axis {axis}; "
+                          f"TensorRT needs the output-channel axis {expected}")
+
+
+def _output_channel_axis(consumer: onnx.NodeProto, rank: int) -> int:
+    if consumer.op_type == "MatMul":
+        return rank - 1
+    if consumer.op_type == "Gemm":
+        return 0 if _attr(consumer, "transB", 0) else 1
+    if consumer.op_type == "ConvTranspose":
+        return 1
+    return 0
+
+
+def _qdq_types(g: GraphView, target: Target) -> Iterator[Finding]:
+    for node in g.of_type(*_QDQ):
+        zp = g.const(node, 2)
+        if zp is not None:
+            unsigned = zp.dtype == np.uint8
+        elif len(node.input) > 2 and node.input[2]:
+            continue   # a zero point computed at run time: its type cannot be read here
+        elif node.op_type == "QuantizeLinear":
+            # No zero point: uint8 unless opset 21's output_dtype says otherwise (ONNX spec).
+            unsigned = _attr(node, "output_dtype", 0) in (0, 2)  # 2 = TensorProto.UINT8
+        else:
+            x = g.const(node, 0)
+            unsigned = x is not None and x.dtype == np.uint8
+        if unsigned:
+            yield Finding("error", "uint8-qdq", g.name(node),
+                          f"{node.op_type} uses uint8; TensorRT only runs int8 Q/DQ (signed, zero point 0): "
+                          "export the tensorrt Q/DQ flavour")
+        if zp is not None and np.any(zp != 0):
+            yield Finding("error", "nonzero-zero-point", g.name(node),
+                          f"zero point {zp.ravel()[:4].tolist()} is not 0; TensorRT quantizes symmetrically")
+
+
+def _residual_qdq(g: GraphView, target: Target) -> Iterator[Finding]:
+    for add in g.of_type("Add"):
+        branches = [name for name in add.input if name and name not in g.consts]
+        if len(branches) != 2:
+            continue
+        conv_inputs = []
+        for name in branches:
+            inner = g.behind_qdq(name)
+            src = g.source(inner if inner is not None else name)
+            if src is not None and src.op_type == "Conv":
+                conv_inputs.append((name, inner is not None))
+        if conv_inputs and all(quantized for _, quantized in conv_inputs):
+            yield Finding("warning", "residual-qdq", g.name(add),
+                          "Q/DQ sits on the conv branch of this residual Add, so Conv + Add cannot fuse; "
+                          "quantize the identity input instead")
+
+
+def _fp32_between_qdq(g: GraphView, target: Target) -> Iterator[Finding]:
+    if not g.has_qdq():
+        return
+    for node in g.nodes:
+        if node.op_type == "BatchNormalization":
+            yield Finding("warning", "fp32-between-qdq", g.name(node),
+                          "BatchNormalization is not folded and runs in FP32 between Q/DQ; fold BN before "
+                          "quantizing")
+            continue
+        if node.op_type in _INT8_OPS:
+            continue
+        fed = any(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear"
+                  for i in node.input if i)
+        feeds = [c for o in node.output for c in g.consumers.get(o, [])]
+        if fed and feeds and all(c.op_type == "QuantizeLinear" for c in feeds):
+            yield Finding("warning", "fp32-between-qdq", g.name(node),
+                          f"{node.op_type} has no INT8 kernel and runs in FP32 between Q/DQ")
+
+
+def _unsupported_ops(g: GraphView, target: Target) -> Iterator[Finding]:
+    from edgeres.targets import parse_version
+
+    trt = target.tensorrt
+    if trt is None or parse_version(trt.min)[:2] >= (8, 5):
+        return
+    too_old = parse_version(trt.max)[:2] < (8, 5)
+    for node in g.of_type(*_OPS_SINCE_8_5):
+        if too_old:
+            yield Finding("error", "unsupported-op", g.name(node),
+                          f"{node.op_type} needs TensorRT >= 8.5; {target.name} runs at most {trt.max}")
+        else:
+            yield Finding("warning", "unsupported-op", g.name(node),
+                          f"{node.op_type} needs TensorRT >= 8.5; builds on {target.name} with TensorRT "
+                          f"{trt.min} fail")
+
+
+_GENERIC_RULES: tuple[Rule, ...] = (_opset_range, _custom_domains, _dynamic_shapes, _per_channel)
+_TENSORRT_RULES: tuple[Rule, ...] = (_qdq_types, _residual_qdq, _fp32_between_qdq, _unsupported_ops)
+
+
+def check_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, target: Target | str) -> CheckReport:
+    """Lint a model for `target` (a Target or its name); TensorRT rules apply to TensorRT targets."""
+    if isinstance(target, str):
+        from edgeres.targets import load
+
+        target = load(target)
+    model = load_model(path_or_model)
+    g = GraphView(model)
+    rules = _GENERIC_RULES + (_TENSORRT_RULES if target.runtime == "tensorrt" else ())
+    return CheckReport([f for rule in rules for f in rule(g, target)])
+
+
+def load_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    path = os.fspath(path_or_model)
+    if not os.path.isfile(path):
+        raise ExportError(f"ONNX file {path} not found; export the model first (edgeres export)")
+    try:
+        return onnx.load(path)
+    except Exception as exc:  # onnx raises DecodeError / ValueError / OSError for bad files
+        raise ExportError(f"{path} is not a readable ONNX model ({exc}); export it again") from exc
