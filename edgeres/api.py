@@ -133,8 +133,11 @@ def train(
     **arch,
 ) -> TrainReport:
     """Train (or fine-tune from `weights`) a model with the paper recipe."""
+    import torch
+
     from edgeres.train import train_model
 
+    torch.manual_seed(config.seed)  # reproducible initial weights
     net = load_model(model, weights, num_classes=num_classes, **arch)
     spec = data_spec or net.cfg.dataset
     train_ds = data.load_dataset(spec, "train", image_size=net.cfg.input_size)

@@ -109,6 +109,87 @@ def train_cmd(
                      resume=resume, subset=subset, **_arch(width, shortcut, None, dropout)), as_json=as_json)
 
 
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Target profile (see `edgeres targets`): cpu, "
+                                        "jetson, jetson-orin-nano, ... or a .toml path")]
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--batch") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batch")
+    return sizes
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    target: TargetOpt = "cpu",
+    int8: Annotated[bool, typer.Option("--int8", help="INT8: calibration (PTQ), then --qat-epochs of QAT")] = False,
+    prune: Annotated[float | None, typer.Option(help="Structured pruning: fraction of channels to remove")] = None,
+    prune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning")] = 0,
+    qat_epochs: Annotated[int, typer.Option(help="Quantization-aware training epochs after calibration")] = 0,
+    qat_lr: Annotated[float, typer.Option(help="QAT learning rate (cosine to 0)")] = 1e-3,
+    calib: Annotated[int | None, typer.Option(help="Calibration images (default: the set's own size)")] = None,
+    calib_set: Annotated[str, typer.Option(help="Calibration set in calibration/")] = "default",
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Export folder (replaced whole on success)")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images (default: all)")] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads for latency (default: all cores)")] = None,
+    num_classes: NumClassesOpt = None,
+    width: WidthOpt = None,
+    shortcut: ShortcutOpt = None,
+    input_size: InputSizeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
+    from edgeres.bench import BenchOptions
+    from edgeres.pipeline import ExportOptions, export
+    from edgeres.report import render
+
+    opts = ExportOptions(target=target, int8=int8, prune=prune, prune_epochs=prune_epochs, qat_epochs=qat_epochs,
+                         qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
+                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads))
+    report = export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
+                    **_arch(width, shortcut, input_size, None))
+    render(report, as_json=as_json, notes=report.notes)
+
+
+@app.command("bench")
+def bench_cmd(
+    artifact: Annotated[Path, typer.Argument(help="model.onnx (ONNX Runtime), model.engine (TensorRT) or .xml")],
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,8,64",
+    threads: Annotated[int | None, typer.Option(help="Runtime threads (default: all cores)")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first")] = 10,
+    runs: Annotated[int, typer.Option(help="Timed runs at batch 1 (fewer for large batches)")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency p50/p90/p99, throughput and peak memory of ARTIFACT, after warm-up."""
+    from edgeres.bench import BenchOptions, bench_path
+    from edgeres.report import render
+
+    render(bench_path(artifact, BenchOptions(_batch_sizes(batch), warmup, runs, threads)), as_json=as_json)
+
+
+@app.command("report")
+def report_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Export folders (each with report.json)")],
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table")] = False,
+) -> None:
+    """One table over any number of export folders (targets x precisions x pruning)."""
+    from edgeres.report import combine, render
+
+    combined = combine(dirs)
+    if markdown:
+        sys.stdout.write(combined.markdown())
+    else:
+        render(combined, as_json=as_json)
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -61,3 +63,118 @@ def render(result: Tabular, *, as_json: bool = False, notes: list[str] | None = 
     console.print(make_table(result.title, columns, rows))
     for note in notes or []:
         console.print(note, style="dim", highlight=False)
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    """One exported variant, measured the same way as every other row of the report."""
+
+    variant: str
+    target: str
+    runtime: str
+    precision: str
+    pruned: float
+    params: int
+    macs: int
+    size_mb: float
+    latency_ms_p50: float | None  # batch 1; None where not measured (e.g. a Jetson bundle built here)
+    throughput_ips: float | None  # batch 64
+    top1_error: float  # percent, through the runtime, on eval_images test images
+    top1_error_delta: float  # vs the FP32 baseline row
+    top1_accuracy: float
+    eval_images: int
+    file: str
+    latency_source: str = "measured"
+    model: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ROW_COLUMNS = ["variant", "target", "precision", "pruned", "params", "MACs", "size MB", "p50 ms (b1)",
+               "img/s (b64)", "top-1 err %", "Δ err pp"]
+
+
+def _row_cells(r: VariantRow) -> list:
+    return [r.variant, r.target, r.precision, f"{r.pruned:.0%}" if r.pruned else "-", r.params, r.macs,
+            r.size_mb, r.latency_ms_p50, r.throughput_ips, r.top1_error, r.top1_error_delta]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `edgeres export` measured for one model and target."""
+
+    model: str
+    target: str
+    out: str
+    rows: list[VariantRow]
+    fold: dict = field(default_factory=dict)
+    prune: dict | None = None
+    quantization: dict | None = None
+    agreement: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        n = self.rows[0].eval_images if self.rows else 0
+        return f"{self.model} -> {self.target}  ({self.out}; top-1 through ONNX Runtime on {n:,} test images)"
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "target": self.target, "out": self.out,
+                "rows": [r.to_dict() for r in self.rows], "bn_fold": self.fold, "pruning": self.prune,
+                "quantization": self.quantization, "logits_agreement": self.agreement, "notes": self.notes,
+                **self.extras}
+
+    def table_rows(self):
+        return ROW_COLUMNS, [_row_cells(r) for r in self.rows]
+
+
+_PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+@dataclass(frozen=True)
+class CombinedReport:
+    """Rows of many export folders in one table: by model, target, pruning, precision."""
+
+    rows: list[VariantRow]
+    sources: list[str]
+    title: str = "edgeres report"
+
+    def to_dict(self) -> dict:
+        return {"sources": self.sources, "rows": [r.to_dict() for r in self.rows]}
+
+    def table_rows(self):
+        return ["model", *ROW_COLUMNS], [[r.model, *_row_cells(r)] for r in self.rows]
+
+    def markdown(self) -> str:
+        cols, rows = self.table_rows()
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+
+
+def combine(dirs: list[str | Path]) -> CombinedReport:
+    """Read DIR/report.json of each export folder; rows sorted by model, target, pruning, precision."""
+    from edgeres.errors import EdgeresError
+
+    rows: list[VariantRow] = []
+    seen: set[tuple] = set()
+    for d in dirs:
+        path = Path(d) / "report.json" if Path(d).is_dir() else Path(d)
+        if not path.is_file():
+            raise EdgeresError(f"{d} has no report.json; pass export folders written by `edgeres export`")
+        try:
+            doc = json.loads(path.read_text())
+            fields_ = set(VariantRow.__dataclass_fields__)
+            for raw in doc["rows"]:
+                row = VariantRow(**{k: v for k, v in raw.items() if k in fields_})
+                row = VariantRow(**{**asdict(row), "model": doc["model"]})
+                key = (row.model, row.target, row.variant, row.file, str(path.parent))
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise EdgeresError(f"{path} is not an edgeres report ({exc})") from exc
+    rows.sort(key=lambda r: (r.model, r.target, r.pruned, _PRECISION_ORDER.get(r.precision, 9), r.variant))
+    return CombinedReport(rows, [str(d) for d in dirs])

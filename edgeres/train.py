@@ -402,6 +402,25 @@ def _final_eval(history: list[dict]) -> EvalResult:
 # ---------------------------------------------------------------- the recipe
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One process's part in a training run: where it trains and what it writes."""
+
+    cfg: TrainConfig
+    saved_cfg: dict  # cfg with the weight decay resolved, as last.pt records it
+    device: torch.device
+    rank: int
+    world: int
+    out_dir: Path
+    pruned: dict | None
+    extra: dict
+    data: dict
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+
 def train_model(
     model: nn.Module,
     train_ds: Dataset,
@@ -412,44 +431,41 @@ def train_model(
     resume: bool = False,
     extra_checkpoint: dict | None = None,
 ) -> TrainResult:
-    """Train `model` in place with the paper recipe; checkpoints in out_dir (last.pt, best.pt, history.json).
+    """Train `model` in place with the paper recipe; write out_dir/{last.pt, best.pt, history.json}.
 
     `resume=True` continues out_dir/last.pt to the same weights an uninterrupted run reaches. The
     model's initial weights are the caller's: seed before building it for a reproducible start.
+    The result's checkpoint is last.pt (the final weights, loadable by checkpoint.load_model).
     """
     _check_config(cfg)
     if len(train_ds) == 0 or len(test_ds) == 0:
         raise EdgeresError("the training and test data must not be empty; check --data")
     out_dir = Path(out_dir)
-    last_path, best_path, history_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "history.json"
-    if not resume and last_path.exists():
+    if not resume and (out_dir / "last.pt").exists():
         raise EdgeresError(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
     device = _pick_device(cfg.device)
     rank, world, started = _start_distributed(device)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(model)
+    run = _Run(cfg, replace(cfg, weight_decay=wd).to_dict(), device, rank, world, out_dir,
+               getattr(model, "edgeres_pruned", None), dict(extra_checkpoint or {}), data_fingerprint(train_ds))
     try:
-        return _train(model, train_ds, test_ds, cfg, device, rank, world, resume, extra_checkpoint or {},
-                      last_path, best_path, history_path)
+        return _train(model, train_ds, test_ds, run, resume)
     finally:
         if started:
             dist.destroy_process_group()
 
 
-def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, device: torch.device,
-           rank: int, world: int, resume: bool, extra: dict, last_path: Path, best_path: Path,
-           history_path: Path) -> TrainResult:
-    wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(model)
-    run_cfg = replace(cfg, weight_decay=wd).to_dict()
-    pruned = getattr(model, "edgeres_pruned", None)
-    data = data_fingerprint(train_ds)
-    state = _read_state(last_path) if resume else None
+def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, run: _Run, resume: bool) -> TrainResult:
+    cfg, device, rank, world = run.cfg, run.device, run.rank, run.world
+    state = _read_state(run.last) if resume else None
     if state is not None:
-        _check_resumable(state, last_path, model, pruned, run_cfg, data, world)
+        _check_resumable(state, run.last, model, run.pruned, run.saved_cfg, run.data, world)
         model.load_state_dict(state["state_dict"])
         if state["epoch"] >= cfg.epochs:  # already complete: nothing to train
             history = list(state["history"])
-            return TrainResult(state["epoch"], _final_eval(history), float(state["best_accuracy"]), last_path,
+            return TrainResult(state["epoch"], _final_eval(history), float(state["best_accuracy"]), run.last,
                                history)
 
     cuda = device.type == "cuda"
@@ -457,7 +473,8 @@ def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConf
     if cuda:
         model.to(device, memory_format=torch.channels_last)
     iters = num_batches(train_ds, cfg.batch_size, world)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=run.saved_cfg["weight_decay"])
     scheduler = make_scheduler(optimizer, cfg, iters)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
     start, best, history = 0, -1.0, []
@@ -469,9 +486,10 @@ def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConf
         _set_rng(state["rng"], rank, device)
         start, best, history = int(state["epoch"]), float(state["best_accuracy"]), list(state["history"])
         if rank == 0:
-            info(f"resuming {last_path} at epoch {start + 1}/{cfg.epochs}")
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) \
-        if world > 1 else model
+            info(f"resuming {run.last} at epoch {start + 1}/{cfg.epochs}")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
     final = None
     for epoch in range(start, cfg.epochs):
@@ -503,34 +521,32 @@ def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConf
             best = max(best, final.top1_accuracy)
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(entry)
-        rng = _gather_rng(device, world)
+        training_state = {
+            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "rng": _gather_rng(device, world),
+            "history": history, "best_accuracy": best,
+        }
         if rank == 0:
-            _write_epoch(model, pruned, extra, entry, history, improved, rng, optimizer, scheduler, scaler,
-                         run_cfg, data, world, best, last_path, best_path, history_path)
+            _write_epoch(run, model, training_state, improved)
     if final is None:
         final = _final_eval(history)
-    return TrainResult(cfg.epochs, final, best, last_path, history)
+    return TrainResult(cfg.epochs, final, best, run.last, history)
 
 
-def _write_epoch(model: nn.Module, pruned: dict | None, extra: dict, entry: dict, history: list[dict],
-                 improved: bool, rng: list[dict], optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-                 run_cfg: dict, data: dict, world: int, best: float, last_path: Path, best_path: Path,
-                 history_path: Path) -> None:
+def _write_epoch(run: _Run, model: nn.Module, training_state: dict, improved: bool) -> None:
     """best.pt (if improved), history.json, then last.pt: each whole or not at all."""
+    history = training_state["history"]
+    entry, best = history[-1], training_state["best_accuracy"]
     test = entry["test"]
     if improved:
-        save_checkpoint(best_path, model, pruned=pruned,
-                        extra={**extra, "epoch": entry["epoch"], "test": test, "train_config": run_cfg})
-    with atomic_write(history_path) as tmp:
+        save_checkpoint(run.out_dir / "best.pt", model, pruned=run.pruned,
+                        extra={**run.extra, "epoch": entry["epoch"], "test": test, "train_config": run.saved_cfg})
+    with atomic_write(run.out_dir / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=1) + "\n")
-    state = checkpoint_dict(model, pruned=pruned, extra=extra)
-    state.update(
-        train_state=STATE, epoch=entry["epoch"], optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-        rng=rng, history=history, train_config=run_cfg, data=data, world_size=world, best_accuracy=best,
-    )
-    with atomic_write(last_path) as tmp:
+    state = checkpoint_dict(model, pruned=run.pruned, extra=run.extra)
+    state.update(training_state, train_state=STATE, train_config=run.saved_cfg, data=run.data,
+                 world_size=run.world)
+    with atomic_write(run.last) as tmp:
         torch.save(state, tmp)
     line = (f"epoch {entry['epoch']}  lr {entry['lr']:.4g}  loss {entry['train_loss']:.4f}  "
             f"train {entry['train_accuracy']:.2f}%")

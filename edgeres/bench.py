@@ -1,0 +1,204 @@
+"""Honest latency through a backend: warm-up, then timed runs; percentiles, throughput, peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
+from edgeres.errors import EdgeresError
+
+SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".xml": "openvino"}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    warmup: int = 10
+    runs: int = 100
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    batch: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput_ips: float
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    artifact: str
+    runtime: str
+    precision: str
+    threads: int
+    input_shape: list[int]
+    size_mb: float
+    peak_rss_mb: float
+    memory_delta_mb: float
+    rows: list[LatencyStats] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return (f"{Path(self.artifact).name}: {self.runtime} {self.precision}, {self.threads} threads, "
+                f"{self.size_mb:.2f} MB, peak RSS {self.peak_rss_mb:.0f} MB (+{self.memory_delta_mb:.0f} MB)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table_rows(self):
+        cols = ["batch", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s"]
+        return cols, [[r.batch, r.runs, r.p50_ms, r.p90_ms, r.p99_ms, r.mean_ms, r.throughput_ips] for r in self.rows]
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread; `peak` is the highest seen (bytes)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def time_runs(run, batch: np.ndarray, warmup: int, runs: int) -> LatencyStats:
+    """Call `run(batch)` `warmup` times untimed, then `runs` times timed one by one."""
+    if warmup < 0 or runs < 1:
+        raise EdgeresError(f"need warmup >= 0 and runs >= 1, got {warmup} and {runs}")
+    for _ in range(warmup):
+        run(batch)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        run(batch)
+        times[i] = time.perf_counter() - t0
+    ms = times * 1e3
+    n = batch.shape[0]
+    return LatencyStats(
+        batch=n,
+        runs=runs,
+        p50_ms=round(float(np.percentile(ms, 50)), 4),
+        p90_ms=round(float(np.percentile(ms, 90)), 4),
+        p99_ms=round(float(np.percentile(ms, 99)), 4),
+        mean_ms=round(float(ms.mean()), 4),
+        throughput_ips=round(float(n / np.median(times)), 2),
+    )
+
+
+def runtime_for(path: Path) -> str:
+    runtime = SUFFIX_RUNTIME.get(path.suffix.lower())
+    if runtime is None:
+        raise EdgeresError(f"cannot tell the runtime of {path.name}; expected one of {', '.join(SUFFIX_RUNTIME)}")
+    return runtime
+
+
+def input_shape_of(path: Path) -> list[int]:
+    """(C, H, W) from the export folder's manifest.json, or the ONNX graph's input."""
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        shape = json.loads(manifest.read_text()).get("input_shape")
+        if shape:
+            return [int(v) for v in shape[-3:]]
+    if path.suffix == ".onnx":
+        import onnx
+
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        shape = [d.dim_value for d in dims[1:]]
+        if all(v > 0 for v in shape):
+            return shape
+    raise EdgeresError(f"cannot tell the input shape of {path.name}; keep its manifest.json beside it")
+
+
+def artifact_from_path(path: str | os.PathLike) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeresError(f"artifact {path} not found")
+    runtime = runtime_for(path)
+    precision = "unknown"
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        precision = json.loads(manifest.read_text()).get("precision", precision)
+    elif runtime == "onnxruntime":
+        from edgeres.backends.ort import precision_of
+
+        precision = precision_of(path)
+    return Artifact(path=path, runtime=runtime, precision=precision)
+
+
+def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
+                   input_shape: list[int] | None = None) -> BenchResult:
+    """Load `artifact` through its backend and time every batch size in `options`."""
+    backend = get_backend(artifact.runtime)
+    shape = input_shape or input_shape_of(artifact.path)
+    rng = np.random.default_rng(options.seed)
+    with _PeakRss() as mem:
+        before = mem.peak
+        session = backend.load(artifact, RuntimeOptions(threads=options.threads))
+        rows = []
+        for b in options.batch_sizes:
+            if b < 1:
+                raise EdgeresError(f"batch sizes must be >= 1, got {b}")
+            x = rng.standard_normal((b, *shape), dtype=np.float32)
+            runs = max(options.runs // max(b // 8, 1), 5)  # fewer repeats for big batches, same wall time
+            rows.append(time_runs(lambda a: backend.run(session, a), x, options.warmup, runs))
+    threads = options.threads or len(os.sched_getaffinity(0))
+    return BenchResult(
+        artifact=str(artifact.path),
+        runtime=artifact.runtime,
+        precision=artifact.precision,
+        threads=threads,
+        input_shape=list(shape),
+        size_mb=round(artifact.path.stat().st_size / 1e6, 4),
+        peak_rss_mb=round(mem.peak / 2**20, 1),
+        memory_delta_mb=round((mem.peak - before) / 2**20, 1),
+        rows=rows,
+    )
+
+
+def bench_path(path: str | os.PathLike, options: BenchOptions = BenchOptions()) -> BenchResult:
+    return bench_artifact(artifact_from_path(path), options)
+
+
+def evaluate_session(backend, session, ds, *, mean, std, batch_size: int = 256, desc: str = "eval"):
+    """Top-1 of a compiled artifact, run through its runtime, over a whole data set."""
+    from edgeres.data import batches, num_batches
+    from edgeres.progress import progress
+    from edgeres.train import result_from_counts
+
+    correct = seen = 0
+    with progress() as bar:
+        task = bar.add_task(desc, total=num_batches(ds, batch_size), status="")
+        for x, y in batches(ds, batch_size, mean=mean, std=std):
+            logits = backend.run(session, x.numpy())
+            correct += int((logits.argmax(1) == y.numpy()).sum())
+            seen += len(y)
+            bar.update(task, advance=1, status=f"acc {100 * correct / seen:.2f}%")
+    return result_from_counts(correct, seen)

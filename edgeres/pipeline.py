@@ -1,0 +1,304 @@
+"""The export pipeline: load -> prune -> fold BN -> INT8 (PTQ, QAT) -> ONNX -> compile -> measure -> report.
+
+Each stage is a module of its own (compress/, export.py, backends/, bench.py); this file only
+runs them in order for one target and writes the export folder whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeres import data, targets
+from edgeres.backends.base import RuntimeOptions
+from edgeres.bench import BenchOptions, evaluate_session, time_runs
+from edgeres.calibration import calibration_batches, load_calibration
+from edgeres.checkpoint import load_model
+from edgeres.errors import EdgeresError
+from edgeres.io import atomic_dir, atomic_write, sha256sum
+from edgeres.models.stats import count_macs, count_params
+from edgeres.progress import info
+from edgeres.report import ExportReport, VariantRow
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything `edgeres export` can be asked; None-valued fields take the stage's defaults."""
+
+    target: str = "cpu"
+    int8: bool = False
+    prune: float | None = None
+    prune_epochs: int = 0
+    prune_lr: float = 0.01
+    qat_epochs: int = 0
+    qat_lr: float = 1e-3
+    calib: str = "default"
+    calib_size: int | None = None
+    batch_size: int = 128
+    eval_limit: int | None = None  # None: the full test split (what the report is for)
+    bench: BenchOptions = field(default_factory=lambda: BenchOptions(batch_sizes=(1, 64), warmup=10, runs=100))
+    seed: int = 0
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("edgeres", "torch", "nncf", "onnx", "onnxruntime", "torch-pruning", "openvino"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOptions, desc: str) -> list[dict]:
+    """SGD with a cosine schedule for `epochs` over the training split (pruning recovery)."""
+    from edgeres.train import run_epoch
+
+    steps = data.num_batches(train_ds, opts.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    history = []
+    for epoch in range(epochs):
+        stats = run_epoch(
+            model,
+            data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
+                         seed=opts.seed, epoch=epoch),
+            optimizer, scheduler, total=steps, desc=f"{desc} {epoch + 1}/{epochs}",
+        )
+        history.append({"epoch": epoch + 1, "loss": round(stats.loss, 4), "train_accuracy": round(stats.accuracy, 2)})
+    model.eval()
+    return history
+
+
+class _Measure:
+    """Measures one ONNX variant the same way as every other: runtime top-1, batch-1 latency, batch-64 throughput."""
+
+    def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions) -> None:
+        self.target, self.test_ds, self.mean, self.std, self.opts = target, test_ds, mean, std, opts
+        self.baseline_error: float | None = None
+
+    def row(self, variant: str, precision: str, onnx_path: Path, model: nn.Module, pruned: float,
+            measure_latency: bool) -> VariantRow:
+        from edgeres.backends.ort import OrtBackend
+
+        backend = OrtBackend()  # every flavour is validated through ONNX Runtime, the runtime that exists here
+        artifact = backend.compile(onnx_path, self.target, onnx_path)
+        session = backend.load(artifact, RuntimeOptions(threads=self.opts.bench.threads))
+        result = evaluate_session(backend, session, self.test_ds, mean=self.mean, std=self.std,
+                                  desc=f"eval {variant}")
+        if self.baseline_error is None:
+            self.baseline_error = result.top1_error
+        p50 = ips = None
+        if measure_latency:
+            shape = (3, model.cfg.input_size, model.cfg.input_size)
+            x1 = torch.randn(1, *shape).numpy()
+            x64 = torch.randn(64, *shape).numpy()
+            b = self.opts.bench
+            p50 = time_runs(lambda a: backend.run(session, a), x1, b.warmup, b.runs).p50_ms
+            ips = time_runs(lambda a: backend.run(session, a), x64, max(b.warmup // 4, 2),
+                            max(b.runs // 8, 5)).throughput_ips
+        return VariantRow(
+            variant=variant, target=self.target.name, runtime=artifact.runtime, precision=precision,
+            pruned=pruned, params=count_params(model), macs=count_macs(model),
+            size_mb=round(onnx_path.stat().st_size / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
+            top1_error=result.top1_error, top1_error_delta=round(result.top1_error - self.baseline_error, 4),
+            top1_accuracy=result.top1_accuracy, eval_images=result.total, file=onnx_path.name,
+            latency_source="measured (ONNX Runtime, this machine)" if measure_latency
+            else f"not measured: build and bench on the {self.target.name} device",
+            model=model.cfg.name,
+        )
+
+
+def _agreement(model: nn.Module, onnx_path: Path, test_ds, n: int = 256) -> dict:
+    """Logits of the PyTorch model against ONNX Runtime on the first n test images."""
+    from edgeres.backends.ort import OrtBackend
+    from edgeres.bench import artifact_from_path
+
+    backend = OrtBackend()
+    session = backend.load(artifact_from_path(onnx_path))
+    sub = data.Dataset(test_ds.name, test_ds.split, test_ds.images[:n], test_ds.labels[:n], test_ds.classes)
+    x, _ = next(data.batches(sub, n, mean=model.cfg.mean, std=model.cfg.std))
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    got = backend.run(session, x.numpy())
+    return {
+        "images": int(len(x)),
+        "max_abs_logit_diff": round(float(abs(ref - got).max()), 6),
+        "top1_agreement": round(float((ref.argmax(1) == got.argmax(1)).mean() * 100), 3),
+    }
+
+
+def _manifest(out: Path, model: nn.Module, target: targets.Target, precision: str, extra: dict) -> dict:
+    cfg = model.cfg
+    files = {p.name: {"sha256": sha256sum(p), "bytes": p.stat().st_size}
+             for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    return {
+        "format": "edgeres-export/1",
+        "model": cfg.name,
+        "target": target.name,
+        "runtime": target.runtime,
+        "precision": precision,
+        "input_name": "input",
+        "output_name": "logits",
+        "input_shape": ["batch", 3, cfg.input_size, cfg.input_size],
+        "preprocessing": {"layout": "NCHW", "channels": "RGB", "scale": "1/255", "mean": list(cfg.mean),
+                          "std": list(cfg.std)},
+        "model_cfg": cfg.to_dict(),
+        **extra,
+        "files": files,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def export(
+    model_name: str | None,
+    *,
+    weights: str | os.PathLike | None = None,
+    data_spec: str | None = None,
+    out: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    options: ExportOptions = ExportOptions(),
+    **arch,
+) -> ExportReport:
+    """Run the whole pipeline for one target and write `out` (model.onnx, manifest.json, report.json)."""
+    from edgeres.compress.fold_bn import fold_bn
+    from edgeres.export import export_onnx
+
+    opts = options
+    target = targets.load(opts.target)
+    precision = "int8" if opts.int8 else "fp32"
+    target.require(precision)
+    if opts.prune is not None and not 0.0 < opts.prune < 1.0:
+        raise EdgeresError(f"--prune must be a fraction in (0, 1), got {opts.prune}")
+    if opts.prune is None and opts.prune_epochs:
+        raise EdgeresError("--prune-epochs needs --prune R")
+    if not opts.int8 and opts.qat_epochs:
+        raise EdgeresError("--qat-epochs needs --int8")
+    net = load_model(model_name, weights, num_classes=num_classes, **arch).eval()
+    cfg = net.cfg
+    spec = data_spec or cfg.dataset
+    test_ds = data.load_dataset(spec, "test", image_size=cfg.input_size)
+    if opts.eval_limit:
+        test_ds = data.subset(test_ds, opts.eval_limit, seed=opts.seed)
+    needs_train = opts.int8 or (opts.prune is not None and opts.prune_epochs > 0)
+    train_ds = data.load_dataset(spec, "train", image_size=cfg.input_size) if needs_train else None
+    example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
+    out = Path(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
+    notes: list[str] = []
+    if test_ds.synthetic:
+        notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
+    manifest_extra: dict = {"classes": test_ds.classes, "data": test_ds.name}
+
+    with atomic_dir(out) as tmp:
+        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
+        on_cpu = target.runtime == "onnxruntime"
+        rows = []
+        info(f"[bold]FP32 baseline[/] {cfg.name}")
+        export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
+        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0, measure_latency=True))
+
+        work, prune_info = net, None
+        if opts.prune is not None:
+            from edgeres.compress.prune import prune, pruned_spec
+
+            rep = prune(net, opts.prune, example_input=example)
+            work = rep.model
+            history = _finetune(work, train_ds, opts.prune_epochs, opts.prune_lr, opts, "prune fine-tune") \
+                if opts.prune_epochs else []
+            prune_info = {"ratio": opts.prune, "epochs": opts.prune_epochs, "lr": opts.prune_lr,
+                          "params_before": rep.params_before, "params_after": rep.params_after,
+                          "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+                          "macs_cut": round(rep.macs_cut, 4), "history": history, "spec": pruned_spec(work)}
+            export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
+            rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune,
+                                    measure_latency=on_cpu))
+
+        fold = fold_bn(work, example_input=example)
+        with torch.no_grad():
+            x = torch.randn(8, 3, cfg.input_size, cfg.input_size)
+            fold_err = float((fold.model(x) - work.eval()(x)).abs().max())
+        fold_info = {"folded": fold.folded, "unfoldable": fold.unfoldable, "max_abs_logit_diff": fold_err}
+        deployed = fold.model
+        quant_info = None
+        if opts.int8:
+            from edgeres.compress import quantize
+
+            calib = load_calibration(opts.calib, size=opts.calib_size)
+            batches = calibration_batches(calib, train_ds, cfg.mean, cfg.std)
+            info(f"[bold]INT8 calibration[/] on {calib.size} {calib.split} images ({calib.name})")
+            qmodel = quantize.ptq(work, batches, example_input=example)
+            qat_history: list[dict] = []
+            if opts.qat_epochs:
+                steps = data.num_batches(train_ds, opts.batch_size)
+                quantize.qat(
+                    qmodel,
+                    lambda e: data.batches(train_ds, opts.batch_size, mean=cfg.mean, std=cfg.std, train=True,
+                                           seed=opts.seed, epoch=e),
+                    opts.qat_epochs, steps_per_epoch=steps, options=quantize.QatOptions(lr=opts.qat_lr),
+                    on_epoch=lambda e, loss, top1: qat_history.append(
+                        {"epoch": e + 1, "loss": round(loss, 4), "train_accuracy": round(top1, 2)}),
+                )
+            quantize.save_quantized(tmp / "int8_nncf.pt", qmodel)
+            deployed = quantize.strip(qmodel, example)
+            quant_info = {"calibration": calib.to_dict(), "qat_epochs": opts.qat_epochs, "qat_lr": opts.qat_lr,
+                          "qat_history": qat_history, "weights": "int8 symmetric per-channel (axis 0)",
+                          "activations": "int8 symmetric per-tensor"}
+        deployed.cfg = cfg
+        _write_model_onnx(deployed, tmp, target, cfg.input_size, opts.int8)
+        variant = ("pruned " if opts.prune else "") + precision
+        rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0,
+                                measure_latency=on_cpu))
+        agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
+        report = ExportReport(
+            model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
+            quantization=quant_info, agreement=agreement, notes=notes,
+        )
+        _target_extras(tmp, target, report, deployed, opts)
+        with atomic_write(tmp / "report.json") as f:
+            f.write_text(json.dumps(report.to_dict(), indent=2))
+        manifest_extra.update({"pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
+                               "quantization": quant_info, "bn_fold": fold_info, "validation": {
+                                   "top1_error": rows[-1].top1_error, "top1_accuracy": rows[-1].top1_accuracy,
+                                   "eval_images": rows[-1].eval_images, "runtime": "onnxruntime",
+                                   "logits_agreement": agreement}})
+        manifest = _manifest(tmp, deployed, target, precision, manifest_extra)
+        with atomic_write(tmp / "manifest.json") as f:  # written last: its presence means the folder is whole
+            f.write_text(json.dumps(manifest, indent=2))
+    return replace(report, out=str(out))
+
+
+def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input_size: int, int8: bool) -> None:
+    """model.onnx in the target's flavour (CPU: uint8 after ReLU; TensorRT: int8 only)."""
+    import onnx
+
+    from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_tensorrt_flavour
+
+    raw = tmp / "raw.onnx"
+    export_onnx(model, raw, input_size=input_size)
+    if int8:
+        flavour = to_cpu_flavour if target.qdq_flavour == "cpu" else to_tensorrt_flavour
+        save_onnx(flavour(onnx.load(str(raw))), tmp / "model.onnx")
+        raw.unlink()
+    else:
+        os.replace(raw, tmp / "model.onnx")
+
+
+def _target_extras(tmp: Path, target: targets.Target, report: ExportReport, model: nn.Module,
+                   opts: ExportOptions) -> None:
+    """What a target adds beside model.onnx (TensorRT: lint, build script, calibration cache, README)."""
+    if target.runtime != "tensorrt":
+        return
+    from edgeres.jetson import prepare_bundle
+
+    prepare_bundle(tmp, target, report=report, model=model, int8=opts.int8)
+

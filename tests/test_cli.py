@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeres.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_models_json_lists_every_family():
+    res = run("models", "--json")
+    assert res.exit_code == 0
+    rows = json.loads(res.stdout)
+    names = {r["name"] for r in rows}
+    assert {"resnet20", "resnet110", "resnet18", "resnet152", "wrn-16-4", "wrn-28-10"} <= names
+    r20 = next(r for r in rows if r["name"] == "resnet20")
+    assert r20["params"] == 269_722 and r20["macs"] > 40e6
+
+
+def test_eval_json_on_subset(resnet20_weights):
+    res = run("eval", "resnet20", "--weights", str(resnet20_weights), "--data", "cifar10", "--limit", "500",
+              "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["total"] == 500 and doc["top1_accuracy"] + doc["top1_error"] == pytest.approx(100)
+    assert {"top1_accuracy", "top1_error", "correct", "total"} <= set(doc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,acc", [("resnet20", 91.73), ("resnet32", 92.63), ("resnet44", 93.10),
+                                      ("resnet56", 93.39)])
+def test_eval_pretrained_full_test_split(data_root, name, acc):
+    res = run("eval", f"{name}.cifar10_akamaster", "--data", "cifar10", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["top1_accuracy"] == acc
+
+
+def _main_exit(monkeypatch, capsys, *argv):
+    import sys
+
+    from edgeres.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgeres", *argv])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["eval", "resnet21"], "unknown model"),
+        (["eval", "wrn-17-2"], "6n+4"),
+        (["eval", "resnet20", "--weights", "/nonexistent.pt"], "not found"),
+        (["export", "resnet20", "--target", "no-such-board"], "no-such-board"),
+        (["report", "/nonexistent"], "report.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(monkeypatch, capsys, argv, needle):
+    code, cap = _main_exit(monkeypatch, capsys, *argv)
+    assert code == 1
+    assert "Traceback" not in cap.err and needle in cap.err
+    assert len([ln for ln in cap.err.strip().splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_corrupt_checkpoint_is_one_line(monkeypatch, capsys, tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    code, cap = _main_exit(monkeypatch, capsys, "eval", "resnet20", "--weights", str(tmp_path / "bad.pt"))
+    assert code == 1 and "corrupt" in cap.err and "Traceback" not in cap.err
+
+
+def test_missing_data_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("EDGERES_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code, cap = _main_exit(monkeypatch, capsys, "eval", "resnet20", "--data", "cifar10")
+    assert code == 1 and "EDGERES_DATA" in cap.err and "Traceback" not in cap.err
+
+
+def test_usage_errors_keep_exit_2():
+    assert run("bench", "x.onnx", "--batch", "a,b").exit_code == 2

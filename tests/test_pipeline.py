@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from edgeres import pipeline
+from edgeres.bench import BenchOptions
+from edgeres.errors import EdgeresError, TargetError
+
+FAST = BenchOptions(batch_sizes=(1, 64), warmup=1, runs=5)
+REQUIRED = {"variant", "target", "precision", "pruned", "params", "macs", "size_mb", "latency_ms_p50",
+            "throughput_ips", "top1_error", "top1_error_delta"}
+
+
+def _opts(**kw):
+    return pipeline.ExportOptions(calib_size=32, eval_limit=64, bench=FAST, **kw)
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "r20"
+    report = pipeline.export("resnet20", data_spec="synthetic", out=out, options=_opts(int8=True))
+    return out, report
+
+
+def test_int8_export_folder_and_report_schema(int8_export):
+    out, report = int8_export
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "fp32.onnx", "manifest.json", "report.json"}
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["fp32", "int8"]
+    for row in doc["rows"]:
+        assert REQUIRED <= set(row)
+        assert row["latency_ms_p50"] > 0 and row["throughput_ips"] > 0 and row["eval_images"] == 64
+    assert doc["rows"][0]["top1_error_delta"] == 0.0
+    assert doc["bn_fold"]["folded"] == 19 and doc["bn_fold"]["max_abs_logit_diff"] < 1e-4
+    assert doc["notes"] and "synthetic" in doc["notes"][0]
+
+
+def test_int8_file_shrinks_and_manifest_hashes_files(int8_export):
+    out, report = int8_export
+    fp32, int8 = report.rows
+    assert int8.size_mb <= 0.3 * fp32.size_mb
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["input_shape"] == ["batch", 3, 32, 32]
+    assert manifest["quantization"]["calibration"]["size"] == 32
+    from edgeres.io import sha256sum
+
+    assert manifest["files"]["model.onnx"]["sha256"] == sha256sum(out / "model.onnx")
+    assert {"torch", "nncf", "onnx", "onnxruntime"} <= set(manifest["versions"])
+
+
+def test_failure_leaves_previous_folder_intact(int8_export, tmp_path, monkeypatch):
+    out, _ = int8_export
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_agreement", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export("resnet20", data_spec="synthetic", out=out, options=_opts(int8=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_pruned_fp32_export_reports_smaller_macs(tmp_path):
+    report = pipeline.export("resnet20", data_spec="synthetic", out=tmp_path / "p",
+                             options=_opts(prune=0.5, prune_epochs=1))
+    variants = [r.variant for r in report.rows]
+    assert variants == ["fp32", "pruned fp32", "pruned fp32"] or variants[:2] == ["fp32", "pruned fp32"]
+    assert report.rows[-1].macs < 0.7 * report.rows[0].macs
+    assert report.prune["macs_cut"] > 0.3 and len(report.prune["history"]) == 1
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"prune": 1.5}, "--prune"), ({"qat_epochs": 1}, "--int8"), ({"prune_epochs": 2}, "--prune R")],
+)
+def test_bad_options(tmp_path, kw, match):
+    with pytest.raises(EdgeresError, match=match):
+        pipeline.export("resnet20", data_spec="synthetic", out=tmp_path / "x", options=_opts(**kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_int8_on_board_without_int8_suggests_fp16(tmp_path):
+    with pytest.raises(TargetError, match="fp16"):
+        pipeline.export("resnet20", data_spec="synthetic", out=tmp_path / "x",
+                        options=_opts(int8=True, target="jetson-nano"))

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from edgeres.errors import EdgeresError
+from edgeres.report import VariantRow, combine
+
+
+def _row(**kw):
+    base = dict(variant="fp32", target="cpu", runtime="onnxruntime", precision="fp32", pruned=0.0, params=10,
+                macs=100, size_mb=1.0, latency_ms_p50=1.0, throughput_ips=100.0, top1_error=8.0,
+                top1_error_delta=0.0, top1_accuracy=92.0, eval_images=10000, file="fp32.onnx")
+    return VariantRow(**{**base, **kw})
+
+
+def _write(d, model, rows):
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps({"model": model, "rows": [r.to_dict() for r in rows]}))
+    return d
+
+
+def test_combine_sorts_and_renders(tmp_path):
+    a = _write(tmp_path / "a", "resnet20", [_row(), _row(variant="int8", precision="int8", file="model.onnx")])
+    b = _write(tmp_path / "b", "resnet20", [_row(target="jetson-orin-nano", variant="int8", precision="int8",
+                                                 latency_ms_p50=None, throughput_ips=None)])
+    c = _write(tmp_path / "c", "resnet18", [_row()])
+    rep = combine([a, b, c])
+    assert [(r.model, r.target, r.precision) for r in rep.rows] == [
+        ("resnet18", "cpu", "fp32"), ("resnet20", "cpu", "fp32"), ("resnet20", "cpu", "int8"),
+        ("resnet20", "jetson-orin-nano", "int8")]
+    md = rep.markdown()
+    assert md.count("\n") == 2 + 4 and "| resnet20 | int8 | jetson-orin-nano |" in md.replace("  ", " ")
+    assert json.loads(json.dumps(rep.to_dict()))["rows"][3]["latency_ms_p50"] is None
+
+
+def test_combine_rejects_non_reports(tmp_path):
+    with pytest.raises(EdgeresError, match="no report.json"):
+        combine([tmp_path])
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(EdgeresError, match="not an edgeres report"):
+        combine([tmp_path])
