@@ -89,7 +89,11 @@ def eval_model(
     limit: int | None = None,
     **arch,
 ) -> EvalReport:
-    """Top-1 of a PyTorch model (name + weights) on a data split."""
+    """Top-1 of a PyTorch model (name + weights) on a data split; artifact files go through their runtime."""
+    from edgeres.bench import SUFFIX_RUNTIME
+
+    if model and Path(model).suffix.lower() in SUFFIX_RUNTIME and weights is None:
+        return eval_artifact(model, data_spec=data_spec, split=split, batch_size=batch_size, limit=limit)
     net = load_model(model, weights, num_classes=num_classes, **arch)
     ds = data.load_dataset(data_spec or net.cfg.dataset, split, image_size=net.cfg.input_size)
     if limit:
@@ -148,3 +152,86 @@ def train(
         train_ds = data.subset(train_ds, subset, seed=config.seed)
     result = train_model(net, train_ds, test_ds, config, Path(out), resume=resume)
     return TrainReport(net.cfg.name, train_ds.name, str(out), result)
+
+
+@dataclass(frozen=True)
+class TargetList:
+    targets: list  # edgeres.targets.Target
+    title: str = "Targets (targets/*.toml)"
+
+    def to_dict(self) -> list[dict]:
+        return [t.to_dict() for t in self.targets]
+
+    def table_rows(self):
+        cols = ["target", "runtime", "precisions", "memory MB", "CC", "DLA", "TensorRT", "INT8 TOPS", "GB/s"]
+        rows = [[t.name + (f" ({', '.join(t.aliases)})" if t.aliases else ""), t.runtime, ",".join(t.precisions),
+                 t.memory_mb, t.compute_capability, t.dla_cores,
+                 f"{t.tensorrt.min}-{t.tensorrt.max}" if t.tensorrt else None, t.peak_int8_tops, t.mem_bandwidth_gbs]
+                for t in self.targets]
+        return cols, rows
+
+
+def list_targets() -> TargetList:
+    from edgeres import targets
+
+    return TargetList(targets.list_targets())
+
+
+@dataclass(frozen=True)
+class LintReport:
+    onnx: str
+    target: str
+    report: object  # edgeres.check.CheckReport
+
+    @property
+    def title(self) -> str:
+        verdict = "passes" if self.report.ok else f"fails ({len(self.report.errors)} errors)"
+        return f"TensorRT lint of {self.onnx} for {self.target}: {verdict}, {len(self.report.warnings)} warnings"
+
+    def to_dict(self) -> dict:
+        return {"onnx": self.onnx, "target": self.target, **self.report.to_dict()}
+
+    def table_rows(self):
+        return (["severity", "rule", "node", "message"],
+                [[f.severity, f.rule, f.node, f.message] for f in self.report.findings])
+
+
+def check(onnx_path: str | os.PathLike, target: str) -> LintReport:
+    """Every construct in the ONNX that TensorRT on `target` rejects (error) or runs slowly (warning)."""
+    from edgeres import targets
+    from edgeres.check import check_onnx
+
+    t = targets.load(target)
+    return LintReport(str(onnx_path), t.name, check_onnx(onnx_path, t))
+
+
+def eval_artifact(
+    path: str | os.PathLike, *, data_spec: str | None = None, split: str = "test", batch_size: int = 256,
+    limit: int | None = None,
+) -> EvalReport:
+    """Top-1 of a compiled artifact (model.onnx, model.engine, IR .xml) through its own runtime.
+
+    Preprocessing comes from the export folder's manifest.json, so it matches what was exported.
+    """
+    import json
+
+    from edgeres.backends.base import get_backend
+    from edgeres.bench import artifact_from_path, evaluate_session
+    from edgeres.errors import EdgeresError
+
+    artifact = artifact_from_path(path)
+    manifest_path = Path(path).parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise EdgeresError(f"{manifest_path} not found; evaluate artifacts inside their export folder")
+    manifest = json.loads(manifest_path.read_text())
+    pre = manifest["preprocessing"]
+    size = int(manifest["input_shape"][-1])
+    ds = data.load_dataset(data_spec or manifest["model_cfg"]["dataset"], split, image_size=size)
+    if limit:
+        ds = data.subset(ds, limit)
+    backend = get_backend(artifact.runtime)
+    session = backend.load(artifact)
+    result = evaluate_session(backend, session, ds, mean=pre["mean"], std=pre["std"], batch_size=batch_size,
+                              desc=f"eval {Path(path).name}")
+    name = "synthetic (smoke test, not an accuracy)" if ds.synthetic else ds.name
+    return EvalReport(manifest["model"], str(path), name, split, result, runtime=artifact.runtime)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +39,13 @@ InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Input re
 DropoutOpt = Annotated[float | None, typer.Option("--dropout", help="WRN dropout between convolutions")]
 
 
+@contextlib.contextmanager
+def _library_output_to_stderr() -> Iterator[None]:
+    """Libraries that print (NNCF's progress bars and logger) write to stderr, so stdout stays JSON/table only."""
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's logger binds sys.stdout at import, inside this block
+        yield
+
+
 def _arch(width: int | None, shortcut: str | None, input_size: int | None, dropout: float | None) -> dict:
     return {"width": width, "shortcut": shortcut, "input_size": input_size, "dropout": dropout}
 
@@ -67,13 +76,14 @@ def eval_cmd(
     input_size: InputSizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1 accuracy and error of MODEL on the full test split."""
+    """Top-1 accuracy and error of MODEL (or of an exported model.onnx / model.engine) on the test split."""
     from edgeres import api
     from edgeres.report import render
 
-    render(api.eval_model(model, weights=weights, data_spec=data, split=split, batch_size=batch_size,
-                          num_classes=num_classes, limit=limit, **_arch(width, shortcut, input_size, None)),
-           as_json=as_json)
+    with _library_output_to_stderr():
+        result = api.eval_model(model, weights=weights, data_spec=data, split=split, batch_size=batch_size,
+                                num_classes=num_classes, limit=limit, **_arch(width, shortcut, input_size, None))
+    render(result, as_json=as_json)
 
 
 @app.command("train")
@@ -105,8 +115,10 @@ def train_cmd(
         raise typer.BadParameter("must be step or cosine", param_hint="--schedule")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          schedule=schedule, seed=seed)
-    render(api.train(model, data_spec=data, out=out, config=config, weights=weights, num_classes=num_classes,
-                     resume=resume, subset=subset, **_arch(width, shortcut, None, dropout)), as_json=as_json)
+    with _library_output_to_stderr():
+        result = api.train(model, data_spec=data, out=out, config=config, weights=weights, num_classes=num_classes,
+                           resume=resume, subset=subset, **_arch(width, shortcut, None, dropout))
+    render(result, as_json=as_json)
 
 
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Target profile (see `edgeres targets`): cpu, "
@@ -128,6 +140,7 @@ def export_cmd(
     model: ModelArg,
     target: TargetOpt = "cpu",
     int8: Annotated[bool, typer.Option("--int8", help="INT8: calibration (PTQ), then --qat-epochs of QAT")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine on the device (TensorRT targets)")] = False,
     prune: Annotated[float | None, typer.Option(help="Structured pruning: fraction of channels to remove")] = None,
     prune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning")] = 0,
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware training epochs after calibration")] = 0,
@@ -150,11 +163,13 @@ def export_cmd(
     from edgeres.pipeline import ExportOptions, export
     from edgeres.report import render
 
-    opts = ExportOptions(target=target, int8=int8, prune=prune, prune_epochs=prune_epochs, qat_epochs=qat_epochs,
+    opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs,
+                         qat_epochs=qat_epochs,
                          qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
                          bench=BenchOptions(batch_sizes=(1, 64), threads=threads))
-    report = export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
-                    **_arch(width, shortcut, input_size, None))
+    with _library_output_to_stderr():
+        report = export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
+                        **_arch(width, shortcut, input_size, None))
     render(report, as_json=as_json, notes=report.notes)
 
 
@@ -171,7 +186,9 @@ def bench_cmd(
     from edgeres.bench import BenchOptions, bench_path
     from edgeres.report import render
 
-    render(bench_path(artifact, BenchOptions(_batch_sizes(batch), warmup, runs, threads)), as_json=as_json)
+    with _library_output_to_stderr():
+        result = bench_path(artifact, BenchOptions(_batch_sizes(batch), warmup, runs, threads))
+    render(result, as_json=as_json)
 
 
 @app.command("report")
@@ -188,6 +205,96 @@ def report_cmd(
         sys.stdout.write(combined.markdown())
     else:
         render(combined, as_json=as_json)
+
+
+@app.command("targets")
+def targets_cmd(as_json: JsonOpt = False) -> None:
+    """List device profiles: runtime, precisions, memory, compute capability, DLA, TensorRT range."""
+    from edgeres import api
+    from edgeres.report import render
+
+    render(api.list_targets(), as_json=as_json)
+
+
+@app.command("check")
+def check_cmd(
+    onnx: Annotated[Path, typer.Argument(help="ONNX model to lint")],
+    target: TargetOpt = "jetson",
+    as_json: JsonOpt = False,
+) -> None:
+    """Lint ONNX for TensorRT: every construct it rejects (error) or runs slowly (warning); exit 1 on errors."""
+    from edgeres import api
+    from edgeres.report import render
+
+    result = api.check(onnx, target)
+    render(result, as_json=as_json)
+    if not result.report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("build")
+def build_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Export folder written by `edgeres export --target jetson-...`")],
+    dla_core: Annotated[int | None, typer.Option(help="DLA core to build for (INT8 via the calibration cache)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """On the device: build (or reuse, if its fingerprint matches) the TensorRT engine of BUNDLE."""
+    import json as _json
+
+    from edgeres.backends.tensorrt import ensure_engine, read_engine_meta
+
+    engine = ensure_engine(bundle, dla_core=dla_core)
+    meta = read_engine_meta(engine) or {}
+    if as_json:
+        sys.stdout.write(_json.dumps({"engine": str(engine), **meta}, indent=2) + "\n")
+    else:
+        typer.echo(f"{engine}: TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')} "
+                   f"(CC {meta.get('compute_capability')})")
+
+
+@app.command("fit")
+def fit_cmd(
+    family: Annotated[str, typer.Argument(help="Model family to size: wrn")],
+    budget_mb: Annotated[float | None, typer.Option("--budget-mb", help="Memory budget in MiB (default: the "
+                                                    "target's memory)")] = None,
+    target: TargetOpt = "cpu",
+    depth: Annotated[int, typer.Option(help="WRN depth D = 6n+4")] = 16,
+    int8: Annotated[bool, typer.Option("--int8", help="Size for INT8 weights and activations")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Size for FP16 (TensorRT targets)")] = False,
+    batch: Annotated[int | None, typer.Option(help="Batch size (default: the target's)")] = None,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="Latency limit at that batch")] = None,
+    prune: Annotated[str | None, typer.Option(help="Pruning ratios to try too, e.g. 0.25,0.5")] = None,
+    runs: Annotated[Path | None, typer.Option(help="Folder of `edgeres train` runs: expected errors")] = None,
+    max_width: Annotated[int, typer.Option(help="Widest k to consider")] = 16,
+    train: Annotated[bool, typer.Option("--train", help="Train the pick and report its measured error")] = False,
+    train_frontier: Annotated[bool, typer.Option(help="With --train: every Pareto-optimal fit")] = False,
+    epochs: Annotated[int, typer.Option(help="Training epochs with --train")] = 164,
+    data: DataOpt = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a Pareto plot (PNG) here")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pick the widest Wide-ResNet (and pruning ratio) that fits TARGET's memory and latency budget."""
+    from edgeres.errors import EdgeresError
+    from edgeres.fit import FitOptions, fit_wrn
+    from edgeres.report import render
+    from edgeres.train import TrainConfig
+
+    if family.lower() != "wrn":
+        raise EdgeresError(f"fit sizes Wide ResNets; got {family!r}, use `edgeres fit wrn`")
+    if int8 and fp16:
+        raise EdgeresError("pass --int8 or --fp16, not both")
+    try:
+        ratios = tuple(float(r) for r in prune.split(",")) if prune else ()
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated fractions, got {prune!r}", param_hint="--prune") from None
+    opts = FitOptions(depth=depth, target=target, budget_mb=budget_mb,
+                      precision="int8" if int8 else "fp16" if fp16 else None, batch=batch, latency_ms=latency_ms,
+                      prune=ratios, runs=str(runs) if runs else None, max_width=max_width, train=train,
+                      train_frontier=train_frontier, train_config=TrainConfig(epochs=epochs), train_data=data,
+                      plot=str(plot) if plot else None)
+    with _library_output_to_stderr():
+        report = fit_wrn(opts)
+    render(report, as_json=as_json, notes=report.notes)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ class ExportOptions:
 
     target: str = "cpu"
     int8: bool = False
+    fp16: bool = False  # TensorRT targets: the device builds the FP32 ONNX as an FP16 engine
     prune: float | None = None
     prune_epochs: int = 0
     prune_lr: float = 0.01
@@ -176,8 +177,12 @@ def export(
 
     opts = options
     target = targets.load(opts.target)
-    precision = "int8" if opts.int8 else "fp32"
+    if opts.int8 and opts.fp16:
+        raise EdgeresError("pass --int8 or --fp16, not both")
+    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
     target.require(precision)
+    if precision == "fp16" and target.runtime != "tensorrt":
+        raise EdgeresError(f"--fp16 is for TensorRT targets; {target.name} runs {target.runtime}")
     if opts.prune is not None and not 0.0 < opts.prune < 1.0:
         raise EdgeresError(f"--prune must be a fraction in (0, 1), got {opts.prune}")
     if opts.prune is None and opts.prune_epochs:
@@ -197,15 +202,17 @@ def export(
     notes: list[str] = []
     if test_ds.synthetic:
         notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
+    if precision == "fp16":
+        notes.append("fp16: top-1 is that of the FP32 ONNX through ONNX Runtime; the device builds it as FP16")
     manifest_extra: dict = {"classes": test_ds.classes, "data": test_ds.name}
 
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
-        on_cpu = target.runtime == "onnxruntime"
+        on_cpu = target.runtime != "tensorrt"  # CPU runtimes run here; TensorRT latency needs the device
         rows = []
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
-        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0, measure_latency=True))
+        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0, measure_latency=on_cpu))
 
         work, prune_info = net, None
         if opts.prune is not None:
@@ -263,7 +270,12 @@ def export(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
             quantization=quant_info, agreement=agreement, notes=notes,
         )
-        _target_extras(tmp, target, report, deployed, opts)
+        extras = _target_extras(tmp, target, report, deployed, opts)
+        if extras:
+            report = replace(report, extras=extras)
+            manifest_extra.update(extras)
+            notes.append("latency not measured here: on the device run `bash build.sh` then "
+                         "`edgeres bench model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
         with atomic_write(tmp / "report.json") as f:
             f.write_text(json.dumps(report.to_dict(), indent=2))
         manifest_extra.update({"pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
@@ -294,11 +306,18 @@ def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input
 
 
 def _target_extras(tmp: Path, target: targets.Target, report: ExportReport, model: nn.Module,
-                   opts: ExportOptions) -> None:
-    """What a target adds beside model.onnx (TensorRT: lint, build script, calibration cache, README)."""
+                   opts: ExportOptions) -> dict:
+    """What a target adds beside model.onnx: for TensorRT the lint, build script, DLA cache and README."""
     if target.runtime != "tensorrt":
-        return
-    from edgeres.jetson import prepare_bundle
+        return {}
+    from edgeres.check import check_onnx
+    from edgeres.jetson import write_bundle_extras
 
-    prepare_bundle(tmp, target, report=report, model=model, int8=opts.int8)
-
+    lint = check_onnx(tmp / "model.onnx", target)
+    lint.raise_for_errors("model.onnx")
+    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
+    size = model.cfg.input_size
+    written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size))
+    return {"tensorrt_lint": lint.to_dict(), "bundle_files": sorted(p.name for p in written),
+            "compute_capability": target.compute_capability,
+            "tensorrt_versions": list(target.tensorrt.versions()) if target.tensorrt else []}
