@@ -7,10 +7,10 @@ calibration caches, so every consumer sees the same images.
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
 from edgeres.data import Dataset, batches, subset
