@@ -143,6 +143,7 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine on the device (TensorRT targets)")] = False,
     prune: Annotated[float | None, typer.Option(help="Structured pruning: fraction of channels to remove")] = None,
     prune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning")] = 0,
+    prune_lr: Annotated[float, typer.Option(help="Fine-tuning learning rate after pruning (cosine to 0)")] = 0.01,
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware training epochs after calibration")] = 0,
     qat_lr: Annotated[float, typer.Option(help="QAT learning rate (cosine to 0)")] = 1e-3,
     calib: Annotated[int | None, typer.Option(help="Calibration images (default: the set's own size)")] = None,
@@ -163,7 +164,7 @@ def export_cmd(
     from edgeres.pipeline import ExportOptions, export
     from edgeres.report import render
 
-    opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs,
+    opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs, prune_lr=prune_lr,
                          qat_epochs=qat_epochs,
                          qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
                          bench=BenchOptions(batch_sizes=(1, 64), threads=threads))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgeres import data, targets
-from edgeres.backends.base import RuntimeOptions
+from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import BenchOptions, evaluate_session, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
@@ -80,40 +80,52 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
     return history
 
 
+def artifact_bytes(path: Path) -> int:
+    """Bytes on disk of an artifact (an OpenVINO IR is the .xml plus its .bin)."""
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
+
+
 class _Measure:
-    """Measures one ONNX variant the same way as every other: runtime top-1, batch-1 latency, batch-64 throughput."""
+    """Measures every variant the same way: top-1 through the target's runtime, batch-1 latency, batch-64 throughput.
+
+    Runtimes that run here (ONNX Runtime, OpenVINO) compile and run the artifact that ships. A TensorRT
+    engine can only be built on the device, so its ONNX is validated through ONNX Runtime and its latency
+    is left unmeasured.
+    """
 
     def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions) -> None:
         self.target, self.test_ds, self.mean, self.std, self.opts = target, test_ds, mean, std, opts
         self.baseline_error: float | None = None
+        self.runs_here = target.runtime != "tensorrt"
+        self.backend = get_backend(target.runtime if self.runs_here else "onnxruntime")
 
-    def row(self, variant: str, precision: str, onnx_path: Path, model: nn.Module, pruned: float,
-            measure_latency: bool) -> VariantRow:
-        from edgeres.backends.ort import OrtBackend
-
-        backend = OrtBackend()  # every flavour is validated through ONNX Runtime, the runtime that exists here
-        artifact = backend.compile(onnx_path, self.target, onnx_path)
-        session = backend.load(artifact, RuntimeOptions(threads=self.opts.bench.threads))
-        result = evaluate_session(backend, session, self.test_ds, mean=self.mean, std=self.std,
+    def row(self, variant: str, precision: str, onnx_path: Path, model: nn.Module, pruned: float) -> VariantRow:
+        suffix = ".xml" if self.backend.name == "openvino" else ".onnx"
+        artifact = self.backend.compile(onnx_path, self.target, onnx_path.with_suffix(suffix))
+        session = self.backend.load(artifact, RuntimeOptions(threads=self.opts.bench.threads))
+        result = evaluate_session(self.backend, session, self.test_ds, mean=self.mean, std=self.std,
                                   desc=f"eval {variant}")
         if self.baseline_error is None:
             self.baseline_error = result.top1_error
         p50 = ips = None
-        if measure_latency:
+        if self.runs_here:
             shape = (3, model.cfg.input_size, model.cfg.input_size)
             x1 = torch.randn(1, *shape).numpy()
             x64 = torch.randn(64, *shape).numpy()
             b = self.opts.bench
-            p50 = time_runs(lambda a: backend.run(session, a), x1, b.warmup, b.runs).p50_ms
-            ips = time_runs(lambda a: backend.run(session, a), x64, max(b.warmup // 4, 2),
-                            max(b.runs // 8, 5)).throughput_ips
+            run = lambda a: self.backend.run(session, a)  # noqa: E731
+            p50 = time_runs(run, x1, b.warmup, b.runs).p50_ms
+            ips = time_runs(run, x64, max(b.warmup // 4, 2), max(b.runs // 8, 5)).throughput_ips
         return VariantRow(
             variant=variant, target=self.target.name, runtime=artifact.runtime, precision=precision,
             pruned=pruned, params=count_params(model), macs=count_macs(model),
-            size_mb=round(onnx_path.stat().st_size / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
+            size_mb=round(artifact_bytes(artifact.path) / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
             top1_error=result.top1_error, top1_error_delta=round(result.top1_error - self.baseline_error, 4),
-            top1_accuracy=result.top1_accuracy, eval_images=result.total, file=onnx_path.name,
-            latency_source="measured (ONNX Runtime, this machine)" if measure_latency
+            top1_accuracy=result.top1_accuracy, eval_images=result.total, file=artifact.path.name,
+            latency_source=f"measured ({artifact.runtime}, this machine)" if self.runs_here
             else f"not measured: build and bench on the {self.target.name} device",
             model=model.cfg.name,
         )
@@ -208,11 +220,10 @@ def export(
 
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
-        on_cpu = target.runtime != "tensorrt"  # CPU runtimes run here; TensorRT latency needs the device
         rows = []
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
-        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0, measure_latency=on_cpu))
+        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0))
 
         work, prune_info = net, None
         if opts.prune is not None:
@@ -227,8 +238,7 @@ def export(
                           "macs_before": rep.macs_before, "macs_after": rep.macs_after,
                           "macs_cut": round(rep.macs_cut, 4), "history": history, "spec": pruned_spec(work)}
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
-            rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune,
-                                    measure_latency=on_cpu))
+            rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
 
         fold = fold_bn(work, example_input=example)
         with torch.no_grad():
@@ -263,8 +273,7 @@ def export(
         deployed.cfg = cfg
         _write_model_onnx(deployed, tmp, target, cfg.input_size, opts.int8)
         variant = ("pruned " if opts.prune else "") + precision
-        rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0,
-                                measure_latency=on_cpu))
+        rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
         agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,

@@ -118,7 +118,8 @@ class ExportReport:
     @property
     def title(self) -> str:
         n = self.rows[0].eval_images if self.rows else 0
-        return f"{self.model} -> {self.target}  ({self.out}; top-1 through ONNX Runtime on {n:,} test images)"
+        runtime = self.rows[-1].runtime if self.rows else "-"
+        return f"{self.model} -> {self.target}  ({self.out}; top-1 through {runtime} on {n:,} test images)"
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "out": self.out,

@@ -87,3 +87,12 @@ def test_artifact_is_frozen(files):
     art = Artifact(path=files["cpu"], runtime="onnxruntime", precision="int8")
     with pytest.raises(AttributeError):
         art.precision = "fp32"
+
+
+from backend_contract import BackendContract  # noqa: E402
+
+
+class TestOrtContract(BackendContract):
+    runtime = "onnxruntime"
+    target = "cpu"
+    suffix = ".onnx"

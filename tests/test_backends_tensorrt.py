@@ -5,6 +5,7 @@ Building and running engines needs TensorRT and a GPU: those tests carry the gpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -310,3 +311,16 @@ def test_build_and_run_engine_on_gpu(tmp_path):
     session = backend.load(artifact)
     x = np.random.default_rng(1).uniform(-1, 1, size=(1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(backend.run(session, x), ort_run(model, x), atol=0.05)
+
+
+from backend_contract import BackendContract  # noqa: E402
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT and an NVIDIA GPU")
+class TestTensorRTContract(BackendContract):
+    runtime = "tensorrt"
+    target = "gpu-tensorrt"
+    suffix = ".engine"
+    precisions = ("fp16", "fp32")  # an FP32 ONNX builds as FP16 where the GPU has it
+    atol = 5e-2

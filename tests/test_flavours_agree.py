@@ -1,10 +1,9 @@
 """The TensorRT-flavoured and CPU-flavoured ONNX of one quantized model agree in top-1 (real data)."""
 
 import onnx
-import pytest
 import torch
 
-from edgeres import calibration, checkpoint, data
+from edgeres import calibration, checkpoint
 from edgeres.backends.ort import OrtBackend
 from edgeres.bench import evaluate_session
 from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_tensorrt_flavour
@@ -17,8 +16,7 @@ def _session(path):
     return backend, backend.load(Artifact(path, "onnxruntime", "int8"))
 
 
-@pytest.mark.parametrize("n_images", [2000, pytest.param(10_000, marks=pytest.mark.slow)])
-def test_cpu_and_tensorrt_flavours_agree(resnet20_weights, cifar_train, cifar_test, tmp_path, n_images):
+def test_cpu_and_tensorrt_flavours_agree(resnet20_weights, cifar_train, cifar_test, tmp_path):
     from edgeres.compress import quantize
 
     model = checkpoint.load_model("resnet20", resnet20_weights)
@@ -29,7 +27,7 @@ def test_cpu_and_tensorrt_flavours_agree(resnet20_weights, cifar_train, cifar_te
     raw = onnx.load(str(export_onnx(q, tmp_path / "raw.onnx", input_size=32)))
     save_onnx(to_cpu_flavour(raw), tmp_path / "cpu.onnx")
     save_onnx(to_tensorrt_flavour(raw), tmp_path / "trt.onnx")
-    test = data.subset(cifar_test, n_images, seed=0)
+    test = cifar_test  # the whole split: on a subset, a few flipped images exceed 0.1 pp
     errors = {}
     for name in ("cpu", "trt"):
         backend, session = _session(tmp_path / f"{name}.onnx")
