@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgeres.errors import CheckpointError, ModelError
+from edgeres.models.stats import count_macs, count_params
 
 IMPORTANCES = ("l1", "l2")
 _PASS_THROUGH = ("Relu", "Hardtanh", "Silu", "Gelu", "Sigmoid")  # activations that keep channels private
@@ -35,18 +36,6 @@ class PruneReport:
     def macs_cut(self) -> float:
         """Fraction of MACs removed."""
         return 1.0 - self.macs_after / self.macs_before
-
-
-def count_macs(model: nn.Module, input_size: int | tuple[int, int]) -> tuple[int, int]:
-    """(MACs, parameters) for one image of `input_size` pixels."""
-    import torch_pruning as tp
-
-    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
-    device = next(model.parameters()).device
-    was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, h, w, device=device))
-    model.train(was_training)
-    return int(macs), int(params)
 
 
 def _private(group) -> bool:
@@ -90,8 +79,8 @@ def prune(
         raise ModelError(f"round_to must be >= 1, got {round_to}")
     scorer = _importance(importance)
     pruned = copy.deepcopy(model).eval()
-    size = tuple(example_input.shape[-2:])
-    macs_before, params_before = count_macs(pruned, size)
+    size = int(example_input.shape[-1])
+    macs_before, params_before = count_macs(pruned, size), count_params(pruned)
 
     graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example_input[:1], verbose=False)
     for conv in [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]:
@@ -105,7 +94,7 @@ def prune(
         drop = torch.argsort(scores)[: channels - keep].tolist()
         graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(drop)).prune()
 
-    macs_after, params_after = count_macs(pruned, size)
+    macs_after, params_after = count_macs(pruned, size), count_params(pruned)
     return PruneReport(params_before, params_after, macs_before, macs_after, pruned)
 
 

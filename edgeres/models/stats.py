@@ -18,6 +18,7 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
     size = input_size or model.cfg.input_size
     was_training = model.training
     model.eval()
-    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, size, size))
+    device = next(model.parameters()).device
+    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, size, size, device=device))
     model.train(was_training)
     return int(macs)
