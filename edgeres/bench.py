@@ -113,6 +113,14 @@ def time_runs(run, batch: np.ndarray, warmup: int, runs: int) -> LatencyStats:
     )
 
 
+def artifact_bytes(path: Path) -> int:
+    """Bytes on disk of an artifact (an OpenVINO IR is the .xml plus its .bin)."""
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
+
+
 def runtime_for(path: Path) -> str:
     runtime = SUFFIX_RUNTIME.get(path.suffix.lower())
     if runtime is None:
@@ -150,6 +158,10 @@ def artifact_from_path(path: str | os.PathLike) -> Artifact:
         from edgeres.backends.ort import precision_of
 
         precision = precision_of(path)
+    elif runtime == "openvino":
+        from edgeres.backends.openvino import ir_precision
+
+        precision = ir_precision(path)
     return Artifact(path=path, runtime=runtime, precision=precision)
 
 
@@ -176,7 +188,7 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
         precision=artifact.precision,
         threads=threads,
         input_shape=list(shape),
-        size_mb=round(artifact.path.stat().st_size / 1e6, 4),
+        size_mb=round(artifact_bytes(artifact.path) / 1e6, 4),
         peak_rss_mb=round(mem.peak / 2**20, 1),
         memory_delta_mb=round((mem.peak - before) / 2**20, 1),
         rows=rows,

@@ -394,3 +394,24 @@ def qdq_summary(onnx_model) -> list[dict]:
             "source_op": src.op_type if src is not None else "input",
         })
     return rows
+
+
+def to_openvino_flavour(onnx_model):
+    """Q/DQ layout for OpenVINO on CPU: NNCF's own OpenVINO convention, uint8 after ReLU, int8 elsewhere.
+
+    Post-ReLU int8 zp 0 -> uint8 zp 0 with the same scale (lossless); other activations stay symmetric int8
+    and biases stay FP32, so `ov.convert_model` yields one FakeQuantize per pair, fused into int8 kernels,
+    and a smaller IR than the CPU flavour (whose int32 biases and uint8 zp-128 shifts add layers).
+    """
+    model = store_int8_weights(onnx_model)
+    gr = _Graph(model)
+    nonneg = _nonnegative(gr)
+    for q, dqs in list(_activation_qdq(gr)):
+        zp = _zero_point(gr, q)
+        if zp.dtype != np.int8 or q.input[0] not in nonneg:
+            continue
+        if np.any(zp != 0):
+            raise ExportError(f"QuantizeLinear {q.name!r} has a non-zero int8 zero point; expected symmetric int8")
+        _retype(gr, q, dqs, np.zeros(zp.shape, np.uint8))
+    gr.prune_unused()
+    return short_tensor_names(model)

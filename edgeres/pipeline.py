@@ -18,7 +18,7 @@ from torch import nn
 
 from edgeres import data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
-from edgeres.bench import BenchOptions, evaluate_session, time_runs
+from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.errors import EdgeresError
@@ -80,14 +80,6 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
     return history
 
 
-def artifact_bytes(path: Path) -> int:
-    """Bytes on disk of an artifact (an OpenVINO IR is the .xml plus its .bin)."""
-    size = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        size += path.with_suffix(".bin").stat().st_size
-    return size
-
-
 class _Measure:
     """Measures every variant the same way: top-1 through the target's runtime, batch-1 latency, batch-64 throughput.
 
@@ -119,6 +111,8 @@ class _Measure:
             run = lambda a: self.backend.run(session, a)  # noqa: E731
             p50 = time_runs(run, x1, b.warmup, b.runs).p50_ms
             ips = time_runs(run, x64, max(b.warmup // 4, 2), max(b.runs // 8, 5)).throughput_ips
+        if artifact.meta.get("execution", {}).get("bf16_ops"):
+            precision = "bf16"  # what really runs, never a bf16 figure under an fp32 label
         return VariantRow(
             variant=variant, target=self.target.name, runtime=artifact.runtime, precision=precision,
             pruned=pruned, params=count_params(model), macs=count_macs(model),
@@ -193,6 +187,8 @@ def export(
         raise EdgeresError("pass --int8 or --fp16, not both")
     precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
     target.require(precision)
+    if target.runtime != "tensorrt":
+        get_backend(target.runtime)  # a missing runtime fails here, in one line, before any work
     if precision == "fp16" and target.runtime != "tensorrt":
         raise EdgeresError(f"--fp16 is for TensorRT targets; {target.name} runs {target.runtime}")
     if opts.prune is not None and not 0.0 < opts.prune < 1.0:
@@ -290,7 +286,7 @@ def export(
         manifest_extra.update({"pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
                                "quantization": quant_info, "bn_fold": fold_info, "validation": {
                                    "top1_error": rows[-1].top1_error, "top1_accuracy": rows[-1].top1_accuracy,
-                                   "eval_images": rows[-1].eval_images, "runtime": "onnxruntime",
+                                   "eval_images": rows[-1].eval_images, "runtime": rows[-1].runtime,
                                    "logits_agreement": agreement}})
         manifest = _manifest(tmp, deployed, target, precision, manifest_extra)
         with atomic_write(tmp / "manifest.json") as f:  # written last: its presence means the folder is whole
@@ -302,12 +298,13 @@ def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input
     """model.onnx in the target's flavour (CPU: uint8 after ReLU; TensorRT: int8 only)."""
     import onnx
 
-    from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_tensorrt_flavour
+    from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_openvino_flavour, to_tensorrt_flavour
 
     raw = tmp / "raw.onnx"
     export_onnx(model, raw, input_size=input_size)
     if int8:
-        flavour = to_cpu_flavour if target.qdq_flavour == "cpu" else to_tensorrt_flavour
+        flavour = {"cpu": to_cpu_flavour, "tensorrt": to_tensorrt_flavour,
+                   "openvino": to_openvino_flavour}[target.qdq_flavour]
         save_onnx(flavour(onnx.load(str(raw))), tmp / "model.onnx")
         raw.unlink()
     else:

@@ -17,7 +17,7 @@ from edgeres.errors import TargetError
 
 RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
-QDQ_FLAVOURS = ("cpu", "tensorrt")
+QDQ_FLAVOURS = ("cpu", "tensorrt", "openvino")
 TARGETS_ENV = "EDGERES_TARGETS"
 
 

@@ -127,3 +127,15 @@ def test_jetson_bundle_passes_lint_and_has_no_uint8(jetson_bundle):
     m = onnx.load(str(out / "model.onnx"))
     uint8 = [t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert uint8 == []
+
+
+def test_openvino_target_exports_ir_measured_through_openvino(tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'edgeres[openvino]'")
+    out = tmp_path / "ov"
+    report = pipeline.export("resnet20", data_spec="synthetic", out=out, options=_opts(int8=True,
+                                                                                      target="cpu-openvino"))
+    assert {"model.xml", "model.bin", "fp32.xml", "fp32.bin"} <= {p.name for p in out.iterdir()}
+    fp32, int8 = report.rows
+    assert int8.runtime == "openvino" and int8.file == "model.xml" and fp32.precision == "fp32"
+    assert int8.size_mb <= 0.45 * fp32.size_mb and int8.latency_ms_p50 > 0
+    assert json.loads((out / "manifest.json").read_text())["validation"]["runtime"] == "openvino"

@@ -1,0 +1,218 @@
+"""OpenVINO on x86 CPUs: the Q/DQ ONNX becomes OpenVINO IR (model.xml + model.bin) with int8 weights.
+
+`ov.convert_model` turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize; the CPU plugin
+fuses those into int8 convolutions (residual add and ReLU included) and folds weight FakeQuantizes into
+int8 constants, so the .bin of an INT8 model is about a quarter of the FP32 one. The CPU flavour
+(export.to_cpu_flavour) converts to the same runtime graph as NNCF's own OpenVINO quantization, so
+one model.onnx serves ONNX Runtime and OpenVINO alike.
+
+Precision is stated, never guessed: on CPUs with AMX or AVX512-BF16 the plugin runs "FP32" models in
+bf16 unless told otherwise, so every model loads with INFERENCE_PRECISION_HINT f32 (for INT8 models
+that keeps the unquantized layers in true FP32), and `describe_precision` reports what the plugin
+actually executes, layer by layer.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeres.backends.base import Artifact, RuntimeOptions
+from edgeres.errors import ExportError, TargetError
+from edgeres.io import sha256sum
+
+if TYPE_CHECKING:
+    from edgeres.targets import Target
+
+DEVICE = "CPU"
+INSTALL_HINT = "OpenVINO is not installed: pip install 'edgeres[openvino]'"
+INFERENCE_PRECISION = "f32"  # never let the plugin pick bf16/fp16 for layers the model says are FP32
+# runtimePrecision of a runtime-graph layer -> the precision edgeres reports
+_PRECISION_NAMES = {"i8": "int8", "u8": "int8", "f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+_NOT_COMPUTE = {"Const", "Input", "Output", "Parameter", "Result"}
+
+
+def import_openvino():
+    """Import OpenVINO, or raise the one-line TargetError that says how to install it."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise TargetError(INSTALL_HINT) from exc
+    return openvino
+
+
+def bin_path(xml: str | os.PathLike) -> Path:
+    """The weights file that belongs to an IR .xml."""
+    return Path(xml).with_suffix(".bin")
+
+
+def ir_bytes(xml: str | os.PathLike) -> int:
+    """Size of an IR on disk: the .xml plus its .bin."""
+    xml = Path(xml)
+    return xml.stat().st_size + (bin_path(xml).stat().st_size if bin_path(xml).is_file() else 0)
+
+
+def compile_config(options: RuntimeOptions | None = None) -> dict[str, Any]:
+    """CPU plugin settings: true-FP32 non-quantized layers, latency mode, and the thread count if given."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION, "PERFORMANCE_HINT": "LATENCY"}
+    if options is not None and options.threads:
+        config["INFERENCE_NUM_THREADS"] = int(options.threads)
+    return config
+
+
+def constant_bytes(model) -> dict[str, int]:
+    """Bytes of the model's constants by element type, e.g. {"i8": 268336, "f32": 6072} for an INT8 ResNet-20."""
+    out: collections.Counter = collections.Counter()
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            out[op.get_output_element_type(0).get_type_name()] += op.get_byte_size()
+    return dict(out)
+
+
+def precision_of(model) -> str:
+    """"int8" when the IR holds FakeQuantize ops or int8 weights, else "fp32" (IR constants stay FP32 here)."""
+    if any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()):
+        return "int8"
+    consts = constant_bytes(model)
+    return "int8" if consts.get("i8", 0) + consts.get("u8", 0) > consts.get("f32", 0) else "fp32"
+
+
+def ir_precision(xml: str | os.PathLike) -> str:
+    """`precision_of` for an IR on disk (for `edgeres bench model.xml` without a manifest)."""
+    return precision_of(import_openvino().Core().read_model(str(xml)))
+
+
+def _rt(op, key: str) -> str:
+    info = op.get_rt_info()
+    return info[key].astype(str) if key in info else ""
+
+
+def describe_precision(compiled) -> dict[str, Any]:
+    """What the CPU plugin executes: its precision hint and the compute layers of the runtime graph by precision.
+
+    Layers fed only by constants (scale reshapes folded at load) and layout-free bookkeeping (inputs, outputs,
+    constants) are not counted. Example: {"inference_precision_hint": "f32", "int8_ops": 27, "fp32_ops": 1,
+    "bf16_ops": 0, "fp16_ops": 0, "other_ops": 0, "layers": {"Convolution": {"int8": 19}, ...}}.
+    """
+    counts: collections.Counter = collections.Counter()
+    layers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    constant: set[str] = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        kind = _rt(op, "layerType")
+        name = op.get_friendly_name()
+        inputs = [i.get_source_output().get_node().get_friendly_name() for i in op.inputs()]
+        if kind == "Const" or (inputs and all(i in constant for i in inputs)):
+            constant.add(name)
+            continue
+        if kind in _NOT_COMPUTE:
+            continue
+        precision = _PRECISION_NAMES.get(_rt(op, "runtimePrecision"), "other")
+        counts[precision] += 1
+        layers[kind][precision] += 1
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return {
+        "inference_precision_hint": _type_name(hint),
+        **{f"{p}_ops": counts.get(p, 0) for p in ("int8", "fp32", "bf16", "fp16", "other")},
+        "layers": {k: dict(v) for k, v in sorted(layers.items())},
+    }
+
+
+def _type_name(value) -> str:
+    """openvino Type (f32, bf16, ...) or a string property as its short name."""
+    get = getattr(value, "get_type_name", None)
+    return get() if get is not None else str(value)
+
+
+def _save_ir(ov, model, out: Path, check: Callable[[Path], Any]) -> Any:
+    """Write out (.xml) and its .bin so neither appears half-written or unchecked: stage both in a temp dir,
+    run `check` on the staged .xml, then move the .bin and last the .xml into place. Returns what `check` returns."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".tmp", dir=out.parent))
+    try:
+        staged = tmp / out.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)  # FP32 stays FP32; int8 weights stay int8
+        checked = check(staged)
+        for path in (bin_path(staged), staged):
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(bin_path(staged), bin_path(out))
+        os.replace(staged, out)
+        return checked
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class OpenVINOSession:
+    """A compiled model with one reusable infer request, and what precision it runs in."""
+
+    compiled: Any
+    request: Any
+    precision: dict = field(default_factory=dict)
+
+
+class OpenVINOBackend:
+    """OpenVINO CPU plugin; artifacts are IR pairs (model.xml + model.bin)."""
+
+    name = "openvino"
+
+    def __init__(self) -> None:
+        self._ov = import_openvino()  # fail at get_backend("openvino"), before any long calibration
+        self._core = None
+
+    @property
+    def core(self):
+        if self._core is None:
+            self._core = self._ov.Core()
+        return self._core
+
+    def compile(self, onnx: Path, target: Target, out: Path) -> Artifact:
+        """Convert `onnx` (FP32 or Q/DQ) to IR at `out` (.xml; the .bin lands beside it) and check it loads."""
+        onnx, out = Path(onnx), Path(out)
+        if out.suffix != ".xml":
+            raise ExportError(f"an OpenVINO artifact is an .xml file (with its .bin beside it), got {out.name}")
+        try:
+            model = self._ov.convert_model(str(onnx))
+        except Exception as exc:  # noqa: BLE001  (the converter raises its own exception types)
+            raise ExportError(f"OpenVINO cannot convert {onnx}: {exc}; re-export the model") from exc
+        precision = precision_of(model)
+
+        def check(xml: Path) -> dict:
+            described = describe_precision(self.core.compile_model(str(xml), DEVICE, compile_config()))
+            if precision == "int8" and described["int8_ops"] == 0:
+                raise ExportError(f"OpenVINO runs no layer of {onnx.name} in int8; re-export it with Q/DQ (--int8)")
+            return described
+
+        described = _save_ir(self._ov, model, out, check)
+        meta = {
+            "target": getattr(target, "name", None),
+            "bytes": ir_bytes(out),
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256sum(p)} for p in (out, bin_path(out))},
+            "constant_bytes": constant_bytes(model),
+            "execution": described,
+            "openvino": self._ov.get_version(),
+        }
+        return Artifact(path=out, runtime=self.name, precision=precision, meta=meta)
+
+    def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> OpenVINOSession:
+        if options is not None and options.device not in (None, "cpu"):
+            raise ExportError(f"the openvino backend runs on the CPU only, got device {options.device!r}")
+        xml = Path(artifact.path)
+        if not bin_path(xml).is_file():
+            raise ExportError(f"{bin_path(xml).name} is missing beside {xml.name}; copy the .xml and .bin together")
+        compiled = self.core.compile_model(str(xml), DEVICE, compile_config(options))
+        return OpenVINOSession(compiled, compiled.create_infer_request(), describe_precision(compiled))
+
+    def run(self, session: OpenVINOSession, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return session.request.infer({0: x}, share_inputs=True)[0]
