@@ -160,3 +160,12 @@ def test_missing_openvino_is_one_line(monkeypatch):
     with pytest.raises(TargetError) as info:
         get_backend("openvino")
     assert str(info.value) == INSTALL_HINT == "OpenVINO is not installed: pip install 'edgeres[openvino]'"
+
+
+from backend_contract import BackendContract  # noqa: E402
+
+
+class TestOpenVINOContract(BackendContract):
+    runtime = "openvino"
+    target = "cpu-openvino"
+    suffix = ".xml"
