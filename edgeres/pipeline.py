@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,6 +167,78 @@ def _manifest(out: Path, model: nn.Module, target: targets.Target, precision: st
     }
 
 
+def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
+    """The target and the precision it will run; every contradiction is an error before any work."""
+    target = targets.load(opts.target)
+    if opts.int8 and opts.fp16:
+        raise EdgeresError("pass --int8 or --fp16, not both")
+    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
+    target.require(precision)
+    if target.runtime != "tensorrt":
+        get_backend(target.runtime)  # a missing runtime fails here, in one line
+    if precision == "fp16" and target.runtime != "tensorrt":
+        raise EdgeresError(f"--fp16 is for TensorRT targets; {target.name} runs {target.runtime}")
+    if opts.prune is not None and not 0.0 < opts.prune < 1.0:
+        raise EdgeresError(f"--prune must be a fraction in (0, 1), got {opts.prune}")
+    if opts.prune is None and opts.prune_epochs:
+        raise EdgeresError("--prune-epochs needs --prune R")
+    if not opts.int8 and opts.qat_epochs:
+        raise EdgeresError("--qat-epochs needs --int8")
+    return target, precision
+
+
+def _prune_stage(net: nn.Module, train_ds, opts: ExportOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """Structured pruning, then fine-tuning; the pruned model and what it cost and saved."""
+    from edgeres.compress.prune import prune, pruned_spec
+
+    rep = prune(net, opts.prune, example_input=example)
+    work = rep.model
+    history = _finetune(work, train_ds, opts.prune_epochs, opts.prune_lr, opts, "prune fine-tune") \
+        if opts.prune_epochs else []
+    return work, {"ratio": opts.prune, "epochs": opts.prune_epochs, "lr": opts.prune_lr,
+                  "params_before": rep.params_before, "params_after": rep.params_after,
+                  "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+                  "macs_cut": round(rep.macs_cut, 4), "history": history, "spec": pruned_spec(work)}
+
+
+def _fold_stage(work: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """BN folded into convolutions, checked numerically against the unfolded model."""
+    from edgeres.compress.fold_bn import fold_bn
+
+    fold = fold_bn(work, example_input=example)
+    with torch.no_grad():
+        x = torch.randn(8, *example.shape[1:])
+        err = float((fold.model(x) - work.eval()(x)).abs().max())
+    return fold.model, {"folded": fold.folded, "unfoldable": fold.unfoldable, "max_abs_logit_diff": err}
+
+
+def _quantize_stage(work: nn.Module, train_ds, opts: ExportOptions, example: torch.Tensor,
+                    tmp: Path) -> tuple[nn.Module, dict]:
+    """INT8: calibration on the calibration set, then QAT; the stripped model for export."""
+    from edgeres.compress import quantize
+
+    cfg = work.cfg
+    calib = load_calibration(opts.calib, size=opts.calib_size)
+    info(f"[bold]INT8 calibration[/] on {calib.size} {calib.split} images ({calib.name})")
+    qmodel = quantize.ptq(work, calibration_batches(calib, train_ds, cfg.mean, cfg.std), example_input=example)
+    history: list[dict] = []
+    if opts.qat_epochs:
+        quantize.qat(
+            qmodel,
+            lambda e: data.batches(train_ds, opts.batch_size, mean=cfg.mean, std=cfg.std, train=True,
+                                   seed=opts.seed, epoch=e),
+            opts.qat_epochs, steps_per_epoch=data.num_batches(train_ds, opts.batch_size),
+            options=quantize.QatOptions(lr=opts.qat_lr),
+            on_epoch=lambda e, loss, top1: history.append(
+                {"epoch": e + 1, "loss": round(loss, 4), "train_accuracy": round(top1, 2)}),
+        )
+    quantize.save_quantized(tmp / "int8_nncf.pt", qmodel)
+    return quantize.strip(qmodel, example), {
+        "calibration": calib.to_dict(), "qat_epochs": opts.qat_epochs, "qat_lr": opts.qat_lr,
+        "qat_history": history, "weights": "int8 symmetric per-channel (axis 0)",
+        "activations": "int8 symmetric per-tensor"}
+
+
 def export(
     model_name: str | None,
     *,
@@ -178,25 +250,10 @@ def export(
     **arch,
 ) -> ExportReport:
     """Run the whole pipeline for one target and write `out` (model.onnx, manifest.json, report.json)."""
-    from edgeres.compress.fold_bn import fold_bn
     from edgeres.export import export_onnx
 
     opts = options
-    target = targets.load(opts.target)
-    if opts.int8 and opts.fp16:
-        raise EdgeresError("pass --int8 or --fp16, not both")
-    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
-    target.require(precision)
-    if target.runtime != "tensorrt":
-        get_backend(target.runtime)  # a missing runtime fails here, in one line, before any work
-    if precision == "fp16" and target.runtime != "tensorrt":
-        raise EdgeresError(f"--fp16 is for TensorRT targets; {target.name} runs {target.runtime}")
-    if opts.prune is not None and not 0.0 < opts.prune < 1.0:
-        raise EdgeresError(f"--prune must be a fraction in (0, 1), got {opts.prune}")
-    if opts.prune is None and opts.prune_epochs:
-        raise EdgeresError("--prune-epochs needs --prune R")
-    if not opts.int8 and opts.qat_epochs:
-        raise EdgeresError("--qat-epochs needs --int8")
+    target, precision = _check_options(opts)
     net = load_model(model_name, weights, num_classes=num_classes, **arch).eval()
     cfg = net.cfg
     spec = data_spec or cfg.dataset
@@ -212,86 +269,48 @@ def export(
         notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
     if precision == "fp16":
         notes.append("fp16: top-1 is that of the FP32 ONNX through ONNX Runtime; the device builds it as FP16")
-    manifest_extra: dict = {"classes": test_ds.classes, "data": test_ds.name}
+    if target.runtime == "tensorrt":
+        notes.append("latency not measured here: on the device run `bash build.sh` then `edgeres bench "
+                     "model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
 
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
-        rows = []
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
-        rows.append(measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0))
+        rows = [measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0)]
 
         work, prune_info = net, None
         if opts.prune is not None:
-            from edgeres.compress.prune import prune, pruned_spec
-
-            rep = prune(net, opts.prune, example_input=example)
-            work = rep.model
-            history = _finetune(work, train_ds, opts.prune_epochs, opts.prune_lr, opts, "prune fine-tune") \
-                if opts.prune_epochs else []
-            prune_info = {"ratio": opts.prune, "epochs": opts.prune_epochs, "lr": opts.prune_lr,
-                          "params_before": rep.params_before, "params_after": rep.params_after,
-                          "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-                          "macs_cut": round(rep.macs_cut, 4), "history": history, "spec": pruned_spec(work)}
+            work, prune_info = _prune_stage(net, train_ds, opts, example)
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
             rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
-
-        fold = fold_bn(work, example_input=example)
-        with torch.no_grad():
-            x = torch.randn(8, 3, cfg.input_size, cfg.input_size)
-            fold_err = float((fold.model(x) - work.eval()(x)).abs().max())
-        fold_info = {"folded": fold.folded, "unfoldable": fold.unfoldable, "max_abs_logit_diff": fold_err}
-        deployed = fold.model
+        deployed, fold_info = _fold_stage(work, example)
         quant_info = None
         if opts.int8:
-            from edgeres.compress import quantize
-
-            calib = load_calibration(opts.calib, size=opts.calib_size)
-            batches = calibration_batches(calib, train_ds, cfg.mean, cfg.std)
-            info(f"[bold]INT8 calibration[/] on {calib.size} {calib.split} images ({calib.name})")
-            qmodel = quantize.ptq(work, batches, example_input=example)
-            qat_history: list[dict] = []
-            if opts.qat_epochs:
-                steps = data.num_batches(train_ds, opts.batch_size)
-                quantize.qat(
-                    qmodel,
-                    lambda e: data.batches(train_ds, opts.batch_size, mean=cfg.mean, std=cfg.std, train=True,
-                                           seed=opts.seed, epoch=e),
-                    opts.qat_epochs, steps_per_epoch=steps, options=quantize.QatOptions(lr=opts.qat_lr),
-                    on_epoch=lambda e, loss, top1: qat_history.append(
-                        {"epoch": e + 1, "loss": round(loss, 4), "train_accuracy": round(top1, 2)}),
-                )
-            quantize.save_quantized(tmp / "int8_nncf.pt", qmodel)
-            deployed = quantize.strip(qmodel, example)
-            quant_info = {"calibration": calib.to_dict(), "qat_epochs": opts.qat_epochs, "qat_lr": opts.qat_lr,
-                          "qat_history": qat_history, "weights": "int8 symmetric per-channel (axis 0)",
-                          "activations": "int8 symmetric per-tensor"}
+            deployed, quant_info = _quantize_stage(work, train_ds, opts, example, tmp)
         deployed.cfg = cfg
         _write_model_onnx(deployed, tmp, target, cfg.input_size, opts.int8)
         variant = ("pruned " if opts.prune else "") + precision
         rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
         agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
+        extras = _target_extras(tmp, target, deployed, precision)
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
-            quantization=quant_info, agreement=agreement, notes=notes,
+            quantization=quant_info, agreement=agreement, notes=notes, extras=extras,
         )
-        extras = _target_extras(tmp, target, report, deployed, opts)
-        if extras:
-            report = replace(report, extras=extras)
-            manifest_extra.update(extras)
-            notes.append("latency not measured here: on the device run `bash build.sh` then "
-                         "`edgeres bench model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
         with atomic_write(tmp / "report.json") as f:
             f.write_text(json.dumps(report.to_dict(), indent=2))
-        manifest_extra.update({"pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
-                               "quantization": quant_info, "bn_fold": fold_info, "validation": {
-                                   "top1_error": rows[-1].top1_error, "top1_accuracy": rows[-1].top1_accuracy,
-                                   "eval_images": rows[-1].eval_images, "runtime": rows[-1].runtime,
-                                   "logits_agreement": agreement}})
-        manifest = _manifest(tmp, deployed, target, precision, manifest_extra)
+        final = rows[-1]
+        manifest = _manifest(tmp, deployed, target, precision, {
+            "classes": test_ds.classes, "data": test_ds.name, **extras,
+            "pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
+            "quantization": quant_info, "bn_fold": fold_info,
+            "validation": {"top1_error": final.top1_error, "top1_accuracy": final.top1_accuracy,
+                           "eval_images": final.eval_images, "runtime": final.runtime,
+                           "logits_agreement": agreement}})
         with atomic_write(tmp / "manifest.json") as f:  # written last: its presence means the folder is whole
             f.write_text(json.dumps(manifest, indent=2))
-    return replace(report, out=str(out))
+    return report
 
 
 def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input_size: int, int8: bool) -> None:
@@ -311,8 +330,7 @@ def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input
         os.replace(raw, tmp / "model.onnx")
 
 
-def _target_extras(tmp: Path, target: targets.Target, report: ExportReport, model: nn.Module,
-                   opts: ExportOptions) -> dict:
+def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precision: str) -> dict:
     """What a target adds beside model.onnx: for TensorRT the lint, build script, DLA cache and README."""
     if target.runtime != "tensorrt":
         return {}
@@ -321,7 +339,6 @@ def _target_extras(tmp: Path, target: targets.Target, report: ExportReport, mode
 
     lint = check_onnx(tmp / "model.onnx", target)
     lint.raise_for_errors("model.onnx")
-    precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
     size = model.cfg.input_size
     written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size))
     return {"tensorrt_lint": lint.to_dict(), "bundle_files": sorted(p.name for p in written),

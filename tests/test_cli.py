@@ -83,3 +83,23 @@ def test_missing_data_is_one_line(monkeypatch, capsys, tmp_path):
 
 def test_usage_errors_keep_exit_2():
     assert run("bench", "x.onnx", "--batch", "a,b").exit_code == 2
+
+
+def test_train_then_eval_checkpoint_through_cli(tmp_path):
+    out = tmp_path / "run"
+    res = run("train", "wrn-10-1", "--data", "synthetic", "--epochs", "1", "--batch-size", "64", "--out", str(out),
+              "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["epochs"] == 1 and (out / "last.pt").is_file()
+    res = run("eval", "wrn-10-1", "--weights", str(out / "last.pt"), "--data", "synthetic", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["top1_error"] == doc["final"]["top1_error"]
+
+
+def test_targets_and_check_commands(tmp_path):
+    res = run("targets", "--json")
+    assert res.exit_code == 0
+    names = {t["name"] for t in json.loads(res.stdout)}
+    assert {"cpu", "jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier", "jetson-orin-nano",
+            "jetson-orin-nx", "jetson-agx-orin", "gpu-tensorrt"} <= names
