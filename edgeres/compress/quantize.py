@@ -100,22 +100,6 @@ def ptq(
     return qmodel.eval()
 
 
-def _cross_entropy_loop(qmodel, batches, optimizer, scheduler) -> tuple[float, float]:
-    qmodel.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in batches:
-        logits = qmodel(images)
-        loss = nn.functional.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
-    return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
-
-
 def qat(
     qmodel: nn.Module,
     train_batches_fn: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
@@ -136,10 +120,13 @@ def qat(
     params = [p for p in qmodel.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    from edgeres.train import run_epoch
+
     for epoch in range(epochs):
-        loss, top1 = _cross_entropy_loop(qmodel, train_batches_fn(epoch), optimizer, scheduler)
+        stats = run_epoch(qmodel, train_batches_fn(epoch), optimizer, scheduler, total=steps_per_epoch,
+                          desc=f"QAT {epoch + 1}/{epochs}")
         if on_epoch is not None:
-            on_epoch(epoch, loss, top1)
+            on_epoch(epoch, stats.loss, stats.accuracy)
     return qmodel.eval()
 
 
