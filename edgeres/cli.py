@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,9 +299,14 @@ def fit_cmd(
     render(report, as_json=as_json, notes=report.notes)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so temp files and folders are removed
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except EdgeresError as exc:

@@ -103,3 +103,23 @@ def test_targets_and_check_commands(tmp_path):
     names = {t["name"] for t in json.loads(res.stdout)}
     assert {"cpu", "jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier", "jetson-orin-nano",
             "jetson-orin-nx", "jetson-agx-orin", "gpu-tensorrt"} <= names
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exp"
+    env = {**os.environ, "EDGERES_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "export", "resnet20", "--data", "synthetic",
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".exp.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert any(p.name.startswith(".exp.") for p in tmp_path.iterdir()), "export never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    assert list(tmp_path.iterdir()) == []
