@@ -6,7 +6,10 @@ zero point 0, FP32 weights behind their own Q/DQ. The flavours rewrite that grap
 
 - `to_cpu_flavour` (ONNX Runtime): activations become uint8 so ORT fuses Conv/Add/pooling into
   QLinear* kernels: after a ReLU, int8 zp 0 -> uint8 zp 0 with the same scale; elsewhere int8 ->
-  uint8 zp 128 (the same grid shifted, exact). Conv/Gemm biases become int32 behind a DQ.
+  uint8 zp 128 (the same grid shifted, exact). DequantizeLinear moves past pure data movement
+  (Slice, Pad, Flatten...) so what follows fuses too. Conv/Gemm biases become int32 behind a DQ.
+  `amx_conv_weights` (applied at load time on AMX CPUs by backends/ort.py) routes wide convs to
+  ORT's AMX kernels.
 - `to_tensorrt_flavour`: int8 only, zero point 0, per-channel weights on axis 0, and the residual
   Add quantized on its identity input instead of on the conv branch, so conv + add fuse.
 
@@ -34,6 +37,11 @@ _PASS_THROUGH = {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Slice", "Pad", "Reshape", "Flatten",
     "Transpose", "Squeeze", "Unsqueeze", "Identity",
 }
+# Pure data movement: a per-tensor quantized tensor passes through on the same grid (Pad fills the zero point).
+_SINK_THROUGH = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
+# Below these, MLAS's symmetric VNNI conv beats its AMX QGEMM (measured per conv shape, ORT 1.31, 1 thread).
+AMX_MIN_K = 256  # C_in * kh * kw
+AMX_MIN_OUT = 64
 _GRID_PRESERVING = {"MaxPool", "GlobalMaxPool", "Slice", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze",
                     "Unsqueeze", "Identity"}
 
@@ -254,6 +262,87 @@ def _int32_bias(gr: _Graph) -> int:
     return done
 
 
+def _sinkable(gr: _Graph, dq) -> list:
+    """Readers of activation DQ `dq` (per-tensor) that only move data and read it as their data input only."""
+    if _is_weight_dq(gr, dq) or dq.output[0] in gr.outputs:
+        return []
+    scale = gr.const(dq.input[1])
+    if scale is None or scale.size != 1:  # a per-channel axis would move with Transpose/Reshape
+        return []
+    readers = []
+    for c in gr.consumers[dq.output[0]]:
+        if c.op_type not in _SINK_THROUGH or c.input[0] != dq.output[0] or dq.output[0] in c.input[1:]:
+            continue
+        if c.op_type == "Pad":
+            value = gr.const(c.input[2]) if len(c.input) > 2 and c.input[2] else np.zeros(())
+            if _attr(c, "mode", b"constant") not in (b"constant", "constant") or value is None or np.any(value != 0):
+                continue
+        readers.append(c)
+    return readers
+
+
+def _sink_dequantize(gr: _Graph) -> int:
+    """DQ -> Slice/Pad/Flatten/... becomes Slice/Pad/Flatten/... -> DQ (exact; Pad fills the zero point).
+
+    ORT then fuses the DQ with what follows: option-A shortcuts (DQ -> Slice -> Pad -> Add) into QLinearAdd,
+    DQ -> Flatten -> Gemm into QGemm. Returns how many moves were made.
+    """
+    import onnx
+
+    moved = 0
+    while True:
+        found = next(((dq, c) for dq in gr.g.node if dq.op_type == "DequantizeLinear" for c in _sinkable(gr, dq)),
+                     None)
+        if found is None:
+            return moved
+        dq, c = found
+        out = c.output[0]
+        quantized = gr.unique(f"{out}_quantized")
+        c.input[0], c.output[0] = dq.input[0], quantized
+        if c.op_type == "Pad" and (np.any(_zero_point(gr, dq) != 0) or (len(c.input) > 2 and c.input[2])):
+            c.input.extend([""] * (3 - len(c.input)))
+            c.input[2] = gr.add_init(f"{out}_pad_value", _zero_point(gr, dq).reshape(()))
+        new = onnx.helper.make_node("DequantizeLinear", [quantized, *dq.input[1:]], [out], name=gr.unique(f"{out}_dq"))
+        gr.g.node.insert(list(gr.g.node).index(c) + 1, new)
+        if len(gr.consumers[dq.output[0]]) == 1:
+            gr.g.node.remove(dq)
+        _clear_value_info(gr.model, {out, quantized})
+        gr.refresh()
+        moved += 1
+
+
+def amx_conv_weights(onnx_model, *, min_k: int = AMX_MIN_K, min_out: int = AMX_MIN_OUT):
+    """Wide convs' int8 weights shifted by -1 with zero point -1 (exact); returns (model, convs changed).
+
+    With weight zero point 0, ORT's QLinearConv takes MLAS's symmetric conv kernels (AVX512-VNNI); with one
+    non-zero zero point for all channels it takes the general QGEMM, which has Intel AMX kernels
+    (onnxruntime#14042): 1.2-2.2x faster per conv on AMX CPUs when K = C_in*kh*kw >= 256 and C_out >= 64, slower
+    below, and no gain without AMX. So the file stays portable and backends/ort.py applies this at load time.
+    """
+    model = copy.deepcopy(onnx_model)
+    gr = _Graph(model)
+    changed = 0
+    for conv in [n for n in gr.g.node if n.op_type == "Conv"]:
+        dq = gr.producer.get(conv.input[1])
+        if dq is None or not _is_weight_dq(gr, dq) or len(gr.consumers[dq.input[0]]) != 1:
+            continue
+        w, scale = gr.const(dq.input[0]), gr.const(dq.input[1])
+        if w.dtype != np.int8 or w.ndim < 3 or _attr(conv, "group", 1) != 1 or np.any(_zero_point(gr, dq) != 0):
+            continue
+        if int(np.prod(w.shape[1:])) < min_k or w.shape[0] < min_out:
+            continue
+        shift = -1 if w.min() > -128 else 1 if w.max() < 127 else 0  # NNCF's weights lie in [-127, 127]
+        if shift == 0:
+            continue
+        dq.input[0] = gr.add_init(f"{dq.input[0]}_amx", (w.astype(np.int16) + shift).astype(np.int8))
+        zero_point = gr.add_init(f"{dq.input[0]}_zero_point", np.full(scale.shape, shift, np.int8))
+        dq.input.extend([""] * (3 - len(dq.input)))
+        dq.input[2] = zero_point
+        changed += 1
+    gr.prune_unused()
+    return model, changed
+
+
 def to_cpu_flavour(onnx_model):
     """Q/DQ layout for ONNX Runtime on CPU: uint8 activations, int8 weights, int32 biases."""
     model = store_int8_weights(onnx_model)
@@ -269,6 +358,8 @@ def to_cpu_flavour(onnx_model):
         # Elsewhere the whole int8 grid shifts by 128 into uint8 (zp 128): identical dequantized values.
         _retype(gr, q, dqs, np.zeros(zp.shape, np.uint8) if q.input[0] in nonneg else np.full(zp.shape, 128, np.uint8))
     gr.refresh()
+    _sink_dequantize(gr)
+    gr.prune_unused()
     _int32_bias(gr)
     return short_tensor_names(model)
 

@@ -285,6 +285,8 @@ def export(
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
             rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
         deployed, fold_info = _fold_stage(work, example)
+        if fold_info["unfoldable"]:  # pre-activation BNs: no conv before them to fold into
+            fold_info["unfoldable_run_as"] = "int8 depthwise 1x1 conv" if opts.int8 else "fp32 BatchNormalization"
         quant_info = None
         if opts.int8:
             deployed, quant_info = _quantize_stage(work, train_ds, opts, example, tmp)

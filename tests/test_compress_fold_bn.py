@@ -41,6 +41,20 @@ def test_fold_matches_eager_logits(name, kwargs, folded, unfoldable):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "input model must stay untouched"
 
 
+@pytest.mark.parametrize("name", ["wrn-16-1", "wrn-16-2"])
+def test_depthwise_turns_unfoldable_bns_into_equal_convs(name):
+    model = _randomise_bn(create(name))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    report = fold_bn(model, depthwise=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in report.model.modules())
+    dw = [m for m in report.model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(dw) == report.unfoldable > 0
+    assert all(m.kernel_size == (1, 1) and m.groups == m.in_channels == m.out_channels for m in dw)
+    with torch.no_grad():
+        ref, out = model(x), report.model(x)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 def test_fold_keeps_cfg_and_eval_mode():
     model = create("resnet20").train()
     report = fold_bn(model)

@@ -79,6 +79,28 @@ def test_cpu_flavour_format(exported):
     assert any(r["dtype"] == "int32" for r in rows), "conv biases are int32 behind a DequantizeLinear"
 
 
+def test_cpu_flavour_leaves_ort_no_fp32_island(exported):
+    """DQ moved past Slice/Pad/Flatten, WRN's unfoldable BNs quantized as depthwise convs: ORT fuses everything."""
+    from edgeres.backends.ort import optimized_op_types
+
+    path = E.save_onnx(E.to_cpu_flavour(onnx.load(str(exported["qdq"]))), exported["tmp"] / "cpu_fused.onnx")
+    ops = optimized_op_types(path)
+    assert ops["QGemm"] == 1, ops
+    assert not {"Add", "Mul", "BatchNormalization", "Conv", "Gemm"} & set(ops), ops
+    assert ops["Transpose"] == 2, ops  # only into and out of the channels-last section
+
+
+def test_amx_conv_weights_is_exact(exported):
+    cpu = E.to_cpu_flavour(onnx.load(str(exported["qdq"])))
+    amx, changed = E.amx_conv_weights(cpu, min_k=1, min_out=1)  # every conv, whatever this CPU has
+    assert changed >= 5
+    zero_points = [r for r in E.qdq_summary(amx) if r["weight"] and r["zero_points"] == [-1]]
+    assert len(zero_points) == changed
+    a = E.save_onnx(cpu, exported["tmp"] / "cpu_sym.onnx")
+    b = E.save_onnx(amx, exported["tmp"] / "cpu_amx.onnx")
+    np.testing.assert_array_equal(_run(b, X), _run(a, X))
+
+
 def test_tensorrt_flavour_format(exported):
     trt = E.to_tensorrt_flavour(onnx.load(str(exported["qdq"])))
     onnx.checker.check_model(trt)
@@ -107,7 +129,7 @@ def test_flavours_shrink_and_agree_with_torch(exported):
     qdq = onnx.load(str(exported["qdq"]))
     for flavour in (E.to_cpu_flavour, E.to_tensorrt_flavour):
         path = E.save_onnx(flavour(qdq), tmp / f"{flavour.__name__}.onnx")
-        assert path.stat().st_size <= 0.3 * fp32_bytes
+        assert path.stat().st_size <= 0.32 * fp32_bytes  # wrn-16-1 is tiny: fixed Q/DQ metadata
         out = _run(path, X)
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
         cos = np.dot(out.ravel(), ref.ravel()) / np.linalg.norm(out) / np.linalg.norm(ref)

@@ -38,6 +38,26 @@ def _session_options(options: RuntimeOptions | None, optimized_path: Path | None
     return so
 
 
+def host_has_amx_int8() -> bool:
+    """Whether this CPU has Intel AMX int8 tiles (Linux /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and any(
+        line.startswith("flags") and "amx_int8" in line.split() for line in cpuinfo.read_text().splitlines()
+    )
+
+
+def _model_for_host(onnx_path: Path) -> str | bytes:
+    """The file as is, or on AMX CPUs with wide convs routed to ORT's AMX kernels (export.amx_conv_weights)."""
+    import onnx
+
+    from edgeres.export import amx_conv_weights
+
+    if not host_has_amx_int8():
+        return str(onnx_path)
+    model, changed = amx_conv_weights(onnx.load(str(onnx_path)))
+    return model.SerializeToString() if changed else str(onnx_path)
+
+
 def precision_of(onnx_path: Path) -> str:
     """"int8" when the graph holds QuantizeLinear/DequantizeLinear, "fp16" for FP16 weights, else "fp32"."""
     import onnx
@@ -57,7 +77,7 @@ def optimized_op_types(onnx_path: str | Path, options: RuntimeOptions | None = N
 
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(str(onnx_path), _session_options(options, opt), providers=PROVIDERS)
+        ort.InferenceSession(_model_for_host(Path(onnx_path)), _session_options(options, opt), providers=PROVIDERS)
         return collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
 
 
@@ -88,7 +108,7 @@ class OrtBackend:
 
         if options is not None and options.device not in (None, "cpu"):
             raise ExportError(f"the onnxruntime backend runs on the CPU only, got device {options.device!r}")
-        return ort.InferenceSession(str(artifact.path), _session_options(options), providers=PROVIDERS)
+        return ort.InferenceSession(_model_for_host(artifact.path), _session_options(options), providers=PROVIDERS)
 
     def run(self, session, batch: np.ndarray) -> np.ndarray:
         name = session.get_inputs()[0].name

@@ -2,9 +2,11 @@
 
 A BN folds when its input is the output of a Conv2d that nothing else reads: post-activation
 ResNets (conv-bn pairs, option-B downsample) and the WRN block's conv1 -> bn2. Pre-activation BNs
-(WRN block bn1, the final bn) follow a residual add and stay as BN; ONNX export turns them into
-an affine op. Pairs are found by data flow: forward hooks match the BN's input tensor to a
-conv's output, and the autograd graph proves the conv output has a single reader.
+(WRN block bn1, the final bn) follow a residual add and stay as BN, or with `depthwise=True` become
+the same affine map as a depthwise 1x1 conv, which INT8 quantizes like any conv (ONNX Runtime then
+fuses it into QLinearConv; its own NCHWc optimizer does the same for FP32, onnxruntime#2855).
+Pairs are found by data flow: forward hooks match the BN's input tensor to a conv's output, and
+the autograd graph proves the conv output has a single reader.
 """
 
 from __future__ import annotations
@@ -110,10 +112,21 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def fold_bn(model: nn.Module, *, example_input: torch.Tensor | None = None) -> FoldReport:
+def bn_as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """The eval-mode BN as a depthwise 1x1 conv: weight gamma / sqrt(var + eps), bias beta - mean * weight."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
+        conv.bias.copy_(bn.bias - bn.running_mean * scale)
+    return conv
+
+
+def fold_bn(model: nn.Module, *, example_input: torch.Tensor | None = None, depthwise: bool = False) -> FoldReport:
     """Fold BNs into preceding convs in an eval-mode copy of `model`; the input model is untouched.
 
-    Folded BNs become nn.Identity so key names of the other layers stay as they were.
+    Folded BNs become nn.Identity so key names of the other layers stay as they were; with `depthwise`,
+    the BNs that cannot fold become depthwise 1x1 convs under their own names.
     """
     folded_model = copy.deepcopy(model).eval()
     pairs, unfoldable = find_conv_bn_pairs(folded_model, _example_input(folded_model, example_input))
@@ -123,4 +136,7 @@ def fold_bn(model: nn.Module, *, example_input: torch.Tensor | None = None) -> F
             bn = folded_model.get_submodule(bn_name)
             _set(folded_model, conv_name, fuse_conv_bn_eval(conv, bn))
             _set(folded_model, bn_name, nn.Identity())
+        if depthwise:
+            for bn_name in unfoldable:
+                _set(folded_model, bn_name, bn_as_depthwise(folded_model.get_submodule(bn_name)))
     return FoldReport(folded=len(pairs), unfoldable=len(unfoldable), model=folded_model)

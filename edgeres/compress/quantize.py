@@ -30,6 +30,7 @@ class QuantizeOptions:
     calib_batches: int | None = None  # how many calibration batches to use; None: all given
     signed_activations: bool = True  # int8 everywhere (TensorRT-legal); False keeps NNCF's uint8 after ReLU
     bias_correction: bool = True  # NNCF's (fast) bias correction after calibration
+    bn_as_conv: bool = True  # BNs with no conv to fold into (pre-activation WRN) as depthwise convs: quantized too
 
 
 @dataclass(frozen=True)
@@ -80,19 +81,24 @@ def ptq(
 ) -> nn.Module:
     """Fold BN, calibrate int8 with NNCF on `calib_batches` (normalised NCHW tensors); return the model."""
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     options = options or QuantizeOptions()
     batches = list(calib_batches)[: options.calib_batches] if options.calib_batches else list(calib_batches)
     if not batches:
         raise ModelError("int8 calibration needs data; pass calibration batches (e.g. --calib-size 512)")
-    folded = fold_bn(model, example_input=example_input).model
+    folded = fold_bn(model, example_input=example_input, depthwise=options.bn_as_conv).model
     qmodel = nncf.quantize(
         folded,
         nncf.Dataset(batches),
         subset_size=len(batches),
-        advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=not options.bias_correction),
+        advanced_parameters=AdvancedQuantizationParameters(
+            disable_bias_correction=not options.bias_correction,
+            # NNCF would give a depthwise conv's input per-channel scales; ORT's QLinearAdd feeding it needs one
+            activations_quantization_params=QuantizationParameters(per_channel=False),
+        ),
     )
+    qmodel.bn_as_conv = options.bn_as_conv  # load_quantized rebuilds the same modules
     if options.signed_activations:
         make_activations_signed(qmodel)
     if hasattr(model, "cfg"):
@@ -135,7 +141,8 @@ def save_quantized(path: str | Path, qmodel: nn.Module) -> Path:
     from nncf.torch import get_config
 
     path = Path(path)
-    payload = {"format": "edgeres-nncf-int8/1", "nncf_config": get_config(qmodel), "state_dict": qmodel.state_dict()}
+    payload = {"format": "edgeres-nncf-int8/1", "nncf_config": get_config(qmodel), "state_dict": qmodel.state_dict(),
+               "bn_as_conv": bool(getattr(qmodel, "bn_as_conv", False))}
     if hasattr(qmodel, "cfg"):
         payload["model_cfg"] = qmodel.cfg.to_dict()
     with atomic_write(path) as tmp:
@@ -159,7 +166,7 @@ def load_quantized(path: str | Path, model: nn.Module, example_input: torch.Tens
         raise CheckpointError(f"cannot read quantized checkpoint {path}: {exc}; re-run the int8 export") from exc
     if not isinstance(payload, dict) or payload.get("format") != "edgeres-nncf-int8/1":
         raise CheckpointError(f"{path} is not an edgeres int8 checkpoint; save it with save_quantized")
-    folded = fold_bn(model, example_input=example_input).model
+    folded = fold_bn(model, example_input=example_input, depthwise=payload.get("bn_as_conv", False)).model
     qmodel = load_from_config(folded, payload["nncf_config"])
     try:
         qmodel.load_state_dict(payload["state_dict"], strict=True)
@@ -167,6 +174,7 @@ def load_quantized(path: str | Path, model: nn.Module, example_input: torch.Tens
         raise CheckpointError(
             f"{path} does not fit this model ({str(exc).splitlines()[0]}); build the same architecture"
         ) from exc
+    qmodel.bn_as_conv = payload.get("bn_as_conv", False)
     if hasattr(model, "cfg"):
         qmodel.cfg = model.cfg
     return qmodel.eval()

@@ -1,0 +1,597 @@
+"""CPU INT8 side by side: PyTorch eager FP32, ONNX Runtime FP32, edgeres INT8, ORT quantize_static INT8, OpenVINO INT8.
+
+    python benchmarks/cpu_int8.py [--models resnet20,wrn-16-4,resnet18] [--runs N] [--threads T] [--json OUT]
+
+One process, one machine, the same thread count for every engine. Each model is built once in FP32
+(the pretrained akamaster weights for resnet20 when EDGERES_DATA holds them, otherwise random init:
+latency does not depend on weight values) and turned into:
+
+1. PyTorch eager FP32 (torch.inference_mode), the unfused model as a user would run it;
+2. ONNX Runtime FP32: edgeres.export.export_onnx, ORT_ENABLE_ALL;
+3. edgeres INT8: compress.quantize.ptq -> strip -> export_onnx -> to_cpu_flavour, the pipeline's path;
+4. ORT quantize_static INT8 on the FP32 ONNX: quant_pre_process, then QDQ, QUInt8 activations, QInt8
+   per-channel weights, MinMax calibration (ORT's recommended CNN settings);
+5. OpenVINO INT8: ov.convert_model(FP32 ONNX) -> nncf.quantize -> compile_model on CPU with
+   INFERENCE_PRECISION_HINT f32, so the parts left in floating point are not silently run as bf16 on
+   AMX/AVX512-BF16 CPUs (OpenVINO's default there); one compiled model per batch size (static shapes);
+
+plus "edgeres INT8 proposed": (3) with the rewrites of benchmarks/wrn_gap.py (unfoldable BNs as depthwise
+convs, DequantizeLinear moved past data movement, AMX-friendly weight zero points on AMX hosts; --no-proposed
+drops it), and "edgeres INT8 on OpenVINO": the file of (3) compiled by OpenVINO as in (5).
+
+Every INT8 flavour calibrates on the same images: 128 class-balanced CIFAR-10 training images
+(calibration/default.toml's selection) when the data is there, else synthetic images. Timing is
+interleaved: every engine warms up, then each round runs every engine in turn (order reversed every
+other round) so machine noise hits all of them alike; batch-1 latency is the p50, batch-64 throughput
+64 / median. Prints a table with ratios and writes JSON (--json). On a loaded machine PyTorch eager
+suffers most (its OpenMP barriers wait for descheduled threads): take final figures on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeres.bench import LatencyStats
+
+DEFAULT_MODELS = ("resnet20", "wrn-16-4", "resnet18")
+PRETRAINED = {"resnet20": "resnet20.cifar10_akamaster"}
+BATCHES = (1, 64)
+EVAL_BATCH = 100
+SETTLE_S = 0.02
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Engine:
+    """One way of running the model: a batch -> logits callable plus what it is."""
+
+    key: str
+    label: str
+    precision: str
+    run: Runner
+    build_s: float
+    size_mb: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _info(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def _cifar_root(data: str | None) -> Path | None:
+    root = data or os.environ.get("EDGERES_DATA")
+    return Path(root) if root and (Path(root) / "cifar-10-batches-py").is_dir() else None
+
+
+def load_split(split: str, n: int, data: str | None = None):
+    """n class-balanced real CIFAR-10 images of `split`, or None when no local copy exists (never downloads)."""
+    from edgeres import data as edata
+
+    root = _cifar_root(data)
+    if root is None:
+        return None
+    return edata.subset(edata.load_dataset(root, split), n, seed=0)
+
+
+def fp32_model(name: str, weights: str | None = None) -> tuple[nn.Module, str]:
+    """The FP32 model in eval mode and a note on where its weights come from."""
+    from edgeres import models
+    from edgeres.checkpoint import load_model
+    from edgeres.errors import EdgeresError
+
+    if weights:
+        return load_model(name, weights).eval(), f"checkpoint {weights}"
+    if name in PRETRAINED:
+        try:
+            return load_model(PRETRAINED[name]).eval(), f"pretrained {PRETRAINED[name]}"
+        except EdgeresError as exc:
+            _info(f"{name}: pretrained weights unavailable ({exc}); using random init")
+    torch.manual_seed(0)
+    return models.create(name).eval(), "random init (latency does not depend on weight values)"
+
+
+def calibration_set(model: nn.Module, n: int, data: str | None = None) -> tuple[list[torch.Tensor], str]:
+    """Normalised calibration batches (the pipeline's selection, n images) and where they come from."""
+    from edgeres import data as edata
+    from edgeres.calibration import calibration_batches, load_calibration
+
+    spec = load_calibration("default", size=n)
+    root = _cifar_root(data)
+    if root is not None:
+        ds, note = edata.load_dataset(root, spec.split), f"{n} CIFAR-10 {spec.split} images (class-balanced)"
+    else:
+        ds = edata.synthetic(max(n, 256), size=model.cfg.input_size, split=spec.split)
+        note = f"{n} synthetic images (no CIFAR-10 found)"
+    return calibration_batches(spec, ds, model.cfg.mean, model.cfg.std), note
+
+
+# ---------------------------------------------------------------- engines
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ort_engine(key: str, label: str, precision: str, path: Path, threads: int, started: float,
+                edgeres_backend: bool = False) -> Engine:
+    """An ORT session on `path`: ORT's defaults (all optimizations), or edgeres's OrtBackend.load for its files."""
+    from wrn_gap import graph_summary
+
+    if edgeres_backend:
+        from edgeres.backends.base import RuntimeOptions
+        from edgeres.backends.ort import OrtBackend
+        from edgeres.bench import artifact_from_path
+
+        session = OrtBackend().load(artifact_from_path(path), RuntimeOptions(threads=threads))
+    else:
+        session = _ort_session(path, threads)
+    name = session.get_inputs()[0].name
+    details = graph_summary(path, threads) if precision == "int8" else {}
+    return Engine(key, label, precision, lambda a: session.run(None, {name: a})[0], time.perf_counter() - started,
+                  round(path.stat().st_size / 1e6, 4), details)
+
+
+def torch_engine(model: nn.Module) -> Engine:
+    def run(a: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(a)).numpy()
+
+    return Engine("torch_fp32", "PyTorch eager FP32", "fp32", run, 0.0,
+                  details={"torch_threads": torch.get_num_threads()})
+
+
+def ort_fp32_engine(model: nn.Module, work: Path, threads: int) -> tuple[Engine, Path]:
+    from edgeres.export import export_onnx
+
+    t0 = time.perf_counter()
+    path = export_onnx(model, work / "fp32.onnx", input_size=model.cfg.input_size)
+    return _ort_engine("ort_fp32", "ORT FP32", "fp32", path, threads, t0), path
+
+
+def edgeres_int8_engine(model: nn.Module, calib: list[torch.Tensor], work: Path, threads: int,
+                        proposed: bool = False) -> Engine:
+    """The pipeline's INT8 through ORT; with `proposed`, plus wrn_gap's rewrites (A where BNs cannot fold, B, and
+    C on AMX hosts)."""
+    from wrn_gap import host_has_amx_int8, ptq_bn_as_conv, write_int8_onnx
+
+    from edgeres.compress.fold_bn import find_conv_bn_pairs
+    from edgeres.compress.quantize import ptq
+
+    t0 = time.perf_counter()
+    size = model.cfg.input_size
+    example = torch.zeros(1, 3, size, size)
+    if not proposed:
+        path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size)
+        return _ort_engine("edgeres_int8", "edgeres INT8", "int8", path, threads, t0, edgeres_backend=True)
+    unfoldable = len(find_conv_bn_pairs(model, example)[1])
+    quantizer = ptq_bn_as_conv if unfoldable else ptq
+    amx = host_has_amx_int8()
+    path, applied = write_int8_onnx(quantizer(model, calib, example_input=example), work / "edgeres_int8_proposed.onnx",
+                                    size, sink=True, amx=amx)
+    engine = _ort_engine("edgeres_int8_proposed", "edgeres INT8 proposed", "int8", path, threads, t0,
+                         edgeres_backend=True)
+    engine.details["rewrites"] = {"A_bn_as_depthwise": unfoldable, "B_dequantize_moved": applied["dequantize_moved"],
+                                  "C_amx_convs": applied.get("amx_convs", "host has no amx_int8")}
+    return engine
+
+
+def ort_quantize_static_engine(fp32_onnx: Path, calib: list[torch.Tensor], work: Path, threads: int) -> Engine:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": b.numpy()} for b in calib])
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    t0 = time.perf_counter()
+    pre, out = work / "ort_pre.onnx", work / "ort_qs_int8.onnx"
+    quant_pre_process(str(fp32_onnx), str(pre))
+    reader = Reader()
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    return _ort_engine("ort_qs_int8", "ORT quantize_static INT8", "int8", out, threads, t0)
+
+
+class _OpenVinoRunner:
+    """One compiled model (static shape) per batch size, compiled on first use; calls go through an infer request."""
+
+    def __init__(self, model, size: int, config: dict) -> None:
+        import openvino as ov
+
+        self.core, self.model, self.size, self.config = ov.Core(), model, size, config
+        self.requests: dict[int, object] = {}
+        self.compiled: dict[int, object] = {}
+
+    def compile(self, batch: int):
+        if batch not in self.compiled:
+            model = self.model.clone()
+            model.reshape([batch, 3, self.size, self.size])
+            self.compiled[batch] = self.core.compile_model(model, "CPU", self.config)
+            self.requests[batch] = self.compiled[batch].create_infer_request()
+        return self.compiled[batch]
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        self.compile(a.shape[0])
+        return self.requests[a.shape[0]].infer({0: a}, share_inputs=True)[0]
+
+
+def _openvino_precisions(compiled) -> dict:
+    """Runtime precision of the compute layers OpenVINO actually runs, e.g. {"Convolution": {"u8": 15}}."""
+    out: dict[str, dict[str, int]] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = str(info["layerType"].astype(str))
+        if kind in ("Convolution", "FullyConnected", "Eltwise", "Subgraph", "Reduce", "Pooling", "MatMul"):
+            prec = str(info["runtimePrecision"].astype(str))
+            out.setdefault(kind, {})
+            out[kind][prec] = out[kind].get(prec, 0) + 1
+    return out
+
+
+def _openvino_config(threads: int) -> dict:
+    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1}
+
+
+def openvino_int8_engine(fp32_onnx: Path, calib: list[torch.Tensor], size: int, threads: int) -> Engine:
+    import nncf
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    qmodel = nncf.quantize(ov.convert_model(str(fp32_onnx)), nncf.Dataset([b.numpy() for b in calib]),
+                           subset_size=len(calib))
+    return _openvino_engine("openvino_int8", "OpenVINO INT8 (NNCF)", qmodel, size, threads, t0)
+
+
+def edgeres_on_openvino_engine(int8_onnx: Path, size: int, threads: int) -> Engine:
+    """edgeres's own INT8 file (CPU flavour) compiled by OpenVINO: its Q/DQ pairs become FakeQuantize."""
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    return _openvino_engine("edgeres_int8_openvino", "edgeres INT8 on OpenVINO", ov.convert_model(str(int8_onnx)),
+                            size, threads, t0)
+
+
+def _openvino_engine(key: str, label: str, model, size: int, threads: int, started: float) -> Engine:
+    import openvino as ov
+
+    runner = _OpenVinoRunner(model, size, _openvino_config(threads))
+    compiled = runner.compile(1)
+    details = {
+        "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+        "runtime_precisions": _openvino_precisions(compiled),
+        "cpu_capabilities": list(runner.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        "openvino": ov.__version__,
+    }
+    return Engine(key, label, "int8", runner, time.perf_counter() - started, details=details)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def _stats(batch: int, seconds: list[float]) -> LatencyStats:
+    ms = np.asarray(seconds) * 1e3
+    return LatencyStats(
+        batch=batch, runs=len(ms),
+        p50_ms=round(float(np.percentile(ms, 50)), 4), p90_ms=round(float(np.percentile(ms, 90)), 4),
+        p99_ms=round(float(np.percentile(ms, 99)), 4), mean_ms=round(float(ms.mean()), 4),
+        throughput_ips=round(float(batch * 1e3 / np.median(ms)), 2),
+    )
+
+
+def interleaved(runners: dict[str, Runner], batch: int, size: int, *, runs: int, warmup: int, rounds: int,
+                seed: int = 0) -> dict[str, LatencyStats]:
+    """Warm every runner up, then `rounds` rounds in which each runner does runs/rounds timed calls in turn."""
+    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    per_round = max(1, -(-runs // rounds))
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for r in range(rounds):
+        for key in order if r % 2 == 0 else order[::-1]:
+            run = runners[key]
+            time.sleep(SETTLE_S)  # let the previous engine's worker threads stop spinning and park
+            run(x)  # untimed: wake this engine's thread pool
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                run(x)
+                times[key].append(time.perf_counter() - t0)
+    return {k: _stats(batch, v) for k, v in times.items()}
+
+
+def top1(engines: list[Engine], ds, mean, std) -> dict[str, dict]:
+    """Top-1 of every engine on `ds`, and how often its argmax matches PyTorch eager FP32's."""
+    from edgeres.data import batches
+
+    preds = {e.key: [] for e in engines}
+    labels = []
+    for x, y in batches(ds, EVAL_BATCH, mean=mean, std=std):
+        a = np.ascontiguousarray(x.numpy())
+        for e in engines:
+            preds[e.key].append(e.run(a).argmax(1))
+        labels.append(y.numpy())
+    label = np.concatenate(labels)
+    ref = np.concatenate(preds[engines[0].key])
+    out = {}
+    for key, p in preds.items():
+        pred = np.concatenate(p)
+        out[key] = {"images": int(len(label)), "top1_accuracy": round(float((pred == label).mean() * 100), 2),
+                    "agreement_with_torch_fp32": round(float((pred == ref).mean() * 100), 2)}
+    return out
+
+
+# ---------------------------------------------------------------- one model
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs: int = 100
+    rounds: int = 5
+    warmup: int = 10
+    threads: int = 1
+    calib: int = 128
+    eval_images: int = 500
+    data: str | None = None
+    proposed: bool = True
+    keep: Path | None = None
+
+    @property
+    def runs64(self) -> int:
+        return max(self.runs // 10, self.rounds)
+
+
+def ratios(stats: dict[str, dict[str, LatencyStats]]) -> dict:
+    """Speed-ups: every engine vs PyTorch eager FP32; edgeres INT8 (and the proposal) vs the INT8 peers."""
+    b1, b64 = stats["batch1"], stats["batch64"]
+
+    def vs(a: str, b: str) -> dict | None:  # how many times faster a is than b
+        if a not in b1 or b not in b1:
+            return None
+        return {"batch1_latency": round(b1[b].p50_ms / b1[a].p50_ms, 3),
+                "batch64_throughput": round(b64[a].throughput_ips / b64[b].throughput_ips, 3)}
+
+    out = {"vs_torch_fp32": {k: vs(k, "torch_fp32") for k in b1}}
+    for ours in ("edgeres_int8", "edgeres_int8_proposed", "edgeres_int8_openvino"):
+        for peer in ("ort_qs_int8", "openvino_int8"):
+            if (r := vs(ours, peer)) is not None:
+                out[f"{ours}_vs_{peer}"] = r
+    return out
+
+
+def targets(rat: dict, key: str = "edgeres_int8") -> dict:
+    """The issue's targets: >= 4x PyTorch eager FP32 at batch 1, and no slower than ORT quantize_static."""
+    eager = rat["vs_torch_fp32"].get(key)
+    peer = rat.get(f"{key}_vs_ort_qs_int8")
+    return {
+        "batch1_4x_torch_fp32": bool(eager and eager["batch1_latency"] >= 4.0),
+        "not_slower_than_ort_quantize_static": bool(peer and peer["batch1_latency"] >= 1.0
+                                                    and peer["batch64_throughput"] >= 1.0),
+    }
+
+
+def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
+    """Build every engine for `name`, check top-1 agreement, time batch 1 and batch 64; return a JSON-able dict."""
+    from edgeres.compress.fold_bn import find_conv_bn_pairs
+
+    model, weights_note = fp32_model(name, weights)
+    size = model.cfg.input_size
+    calib, calib_note = calibration_set(model, s.calib, s.data)
+    _, unfoldable = find_conv_bn_pairs(model, torch.zeros(1, 3, size, size))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if s.keep:
+            work = s.keep / name
+            work.mkdir(parents=True, exist_ok=True)
+        _info(f"{name}: building engines ({calib_note})")
+        engines = [torch_engine(model)]
+        ort_fp32, fp32_onnx = ort_fp32_engine(model, work, s.threads)
+        engines += [ort_fp32, edgeres_int8_engine(model, calib, work, s.threads)]
+        if s.proposed:
+            engines.append(edgeres_int8_engine(model, calib, work, s.threads, proposed=True))
+        engines.append(ort_quantize_static_engine(fp32_onnx, calib, work, s.threads))
+        notes = []
+        try:
+            engines.append(openvino_int8_engine(fp32_onnx, calib, size, s.threads))
+            engines.append(edgeres_on_openvino_engine(work / "edgeres_int8.onnx", size, s.threads))
+        except ImportError as exc:
+            notes.append(f"OpenVINO engines skipped: {exc}; pip install 'edgeres[openvino]'")
+        accuracy = {}
+        test = load_split("test", s.eval_images, s.data) if s.eval_images else None
+        if test is not None:
+            _info(f"{name}: top-1 on {len(test)} test images")
+            accuracy = top1(engines, test, model.cfg.mean, model.cfg.std)
+        runners = {e.key: e.run for e in engines}
+        stats = {}
+        for batch, runs, warmup in zip(BATCHES, (s.runs, s.runs64), (s.warmup, max(s.warmup // 4, 1)), strict=True):
+            _info(f"{name}: timing batch {batch} ({runs} runs per engine, {s.rounds} interleaved rounds)")
+            stats[f"batch{batch}"] = interleaved(runners, batch, size, runs=runs, warmup=warmup, rounds=s.rounds)
+    rat = ratios(stats)
+    return {
+        "model": name,
+        "weights": weights_note,
+        "calibration": calib_note,
+        "unfoldable_bns": len(unfoldable),
+        "engines": [
+            {"key": e.key, "label": e.label, "precision": e.precision, "build_s": round(e.build_s, 2),
+             "size_mb": e.size_mb, "details": e.details, "accuracy": accuracy.get(e.key),
+             **{b: asdict(stats[b][e.key]) for b in stats}}
+            for e in engines
+        ],
+        "ratios": rat,
+        "targets": {k: targets(rat, k) for k in ("edgeres_int8", "edgeres_int8_proposed") if k in rat["vs_torch_fp32"]},
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    flags: set[str] = set()
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    return {
+        "cpu": model,
+        "cores_available": len(os.sched_getaffinity(0)),
+        "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("edgeres", "torch", "onnx", "onnxruntime", "nncf", "openvino"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    for m in result["models"]:
+        table = Table(title=f"{m['model']} ({m['weights']}; calibration: {m['calibration']})", title_justify="left")
+        for col in ("engine", "b1 p50 ms", "b1 vs eager", "b64 img/s", "b64 vs eager", "top-1 %", "agree %",
+                    "MB"):
+            table.add_column(col, justify="left" if col == "engine" else "right")
+        for e in m["engines"]:
+            r = m["ratios"]["vs_torch_fp32"][e["key"]]
+            acc = e["accuracy"] or {}
+            table.add_row(e["label"], f"{e['batch1']['p50_ms']:.3f}", _x(r["batch1_latency"]),
+                          f"{e['batch64']['throughput_ips']:.0f}", _x(r["batch64_throughput"]),
+                          str(acc.get("top1_accuracy", "-")), str(acc.get("agreement_with_torch_fp32", "-")),
+                          "-" if e["size_mb"] is None else f"{e['size_mb']:.2f}")
+        console.print(table)
+        for key, r in m["ratios"].items():
+            if key != "vs_torch_fp32":
+                ours, peer = key.split("_vs_")
+                console.print(f"  {ours} vs {peer}: batch 1 {r['batch1_latency']:.3f}x, "
+                              f"batch 64 {r['batch64_throughput']:.3f}x (>1: {ours} faster)")
+        for key, t in m["targets"].items():
+            marks = ", ".join(f"{k} {'[green]met[/]' if v else '[red]missed[/]'}" for k, v in t.items())
+            console.print(f"  targets for {key}: {marks}")
+        for note in m["notes"]:
+            console.print(f"  [yellow]{note}[/]")
+    for note in result["notes"]:
+        console.print(f"[yellow]{note}[/]")
+
+
+def run(models: list[str], s: Settings, weights: dict[str, str] | None = None) -> dict:
+    """Benchmark every model; the whole result as a JSON-able dict."""
+    torch.set_num_threads(s.threads)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    results = [bench_model(name, s, (weights or {}).get(name)) for name in models]
+    load_after = os.getloadavg()
+    notes = ["OpenVINO runs with INFERENCE_PRECISION_HINT=f32: its INT8 layers run u8/i8 and the rest FP32 "
+             "(on AMX/AVX512-BF16 CPUs its default would run the non-INT8 parts in bf16)."]
+    busy = max(load_before[0], load_after[0]) > machine()["cores_available"]
+    if busy:
+        notes.append(f"machine busy (1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on "
+                     f"{machine()['cores_available']} cores): absolute figures are noisy; ratios less so")
+    return {
+        "format": "edgeres-bench-cpu-int8/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "versions": versions(),
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+                     "runs_batch64": s.runs64, "batches": list(BATCHES)},
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "models": results,
+        "notes": notes,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    p.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per engine (batch 64: runs/10)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the runs are split into")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per engine before timing")
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    p.add_argument("--calib", type=int, default=128, help="calibration images")
+    p.add_argument("--eval", type=int, default=500, help="test images for the top-1 check (0: skip)")
+    p.add_argument("--data", default=None, help="folder holding cifar-10-batches-py/ (default: $EDGERES_DATA)")
+    p.add_argument("--weights", action="append", default=[], metavar="MODEL=PATH", help="checkpoint for a model")
+    p.add_argument("--no-proposed", dest="proposed", action="store_false",
+                   help="skip the edgeres INT8 variant with benchmarks/wrn_gap.py's rewrites")
+    p.add_argument("--keep", type=Path, default=None, help="keep the ONNX files under this folder")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgeres.errors import EdgeresError
+    from edgeres.io import atomic_write
+
+    args = parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    weights = dict(w.split("=", 1) for w in args.weights if "=" in w)
+    if args.runs < 1 or args.rounds < 1 or args.warmup < 0:
+        print("error: need --runs >= 1, --rounds >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    settings = Settings(runs=args.runs, rounds=args.rounds, warmup=args.warmup,
+                        threads=args.threads or len(os.sched_getaffinity(0)), calib=args.calib,
+                        eval_images=args.eval, data=args.data, proposed=args.proposed, keep=args.keep)
+    try:
+        result = run(models, settings, weights)
+    except EdgeresError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    render(result)
+    if args.json:
+        import json
+
+        with atomic_write(args.json) as f:
+            f.write_text(json.dumps(result, indent=2))
+        _info(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
