@@ -8,16 +8,17 @@ latency does not depend on weight values) and turned into:
 
 1. PyTorch eager FP32 (torch.inference_mode), the unfused model as a user would run it;
 2. ONNX Runtime FP32: edgeres.export.export_onnx, ORT_ENABLE_ALL;
-3. edgeres INT8: compress.quantize.ptq -> strip -> export_onnx -> to_cpu_flavour, the pipeline's path;
+3. edgeres INT8: compress.quantize.ptq -> strip -> export_onnx -> to_cpu_flavour, the pipeline's path (BNs
+   that cannot fold quantized as depthwise convs, DequantizeLinear moved past data movement), loaded by
+   backends.ort.OrtBackend (AMX-friendly weight zero points on AMX hosts);
 4. ORT quantize_static INT8 on the FP32 ONNX: quant_pre_process, then QDQ, QUInt8 activations, QInt8
    per-channel weights, MinMax calibration (ORT's recommended CNN settings);
 5. OpenVINO INT8: ov.convert_model(FP32 ONNX) -> nncf.quantize -> compile_model on CPU with
    INFERENCE_PRECISION_HINT f32, so the parts left in floating point are not silently run as bf16 on
    AMX/AVX512-BF16 CPUs (OpenVINO's default there); one compiled model per batch size (static shapes);
 
-plus "edgeres INT8 proposed": (3) with the rewrites of benchmarks/wrn_gap.py (unfoldable BNs as depthwise
-convs, DequantizeLinear moved past data movement, AMX-friendly weight zero points on AMX hosts; --no-proposed
-drops it), and "edgeres INT8 on OpenVINO": the file of (3) compiled by OpenVINO as in (5).
+plus "edgeres INT8 on OpenVINO": the file of (3) compiled by OpenVINO as in (5). benchmarks/wrn_gap.py
+shows what each of (3)'s CPU rewrites buys.
 
 Every INT8 flavour calibrates on the same images: 128 class-balanced CIFAR-10 training images
 (calibration/default.toml's selection) when the data is there, else synthetic images. Timing is
@@ -171,31 +172,17 @@ def ort_fp32_engine(model: nn.Module, work: Path, threads: int) -> tuple[Engine,
     return _ort_engine("ort_fp32", "ORT FP32", "fp32", path, threads, t0), path
 
 
-def edgeres_int8_engine(model: nn.Module, calib: list[torch.Tensor], work: Path, threads: int,
-                        proposed: bool = False) -> Engine:
-    """The pipeline's INT8 through ORT; with `proposed`, plus wrn_gap's rewrites (A where BNs cannot fold, B, and
-    C on AMX hosts)."""
-    from wrn_gap import host_has_amx_int8, ptq_bn_as_conv, write_int8_onnx
+def edgeres_int8_engine(model: nn.Module, calib: list[torch.Tensor], work: Path, threads: int) -> Engine:
+    """The pipeline's INT8 file, run by edgeres's ORT backend."""
+    from wrn_gap import write_int8_onnx
 
-    from edgeres.compress.fold_bn import find_conv_bn_pairs
     from edgeres.compress.quantize import ptq
 
     t0 = time.perf_counter()
     size = model.cfg.input_size
     example = torch.zeros(1, 3, size, size)
-    if not proposed:
-        path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size)
-        return _ort_engine("edgeres_int8", "edgeres INT8", "int8", path, threads, t0, edgeres_backend=True)
-    unfoldable = len(find_conv_bn_pairs(model, example)[1])
-    quantizer = ptq_bn_as_conv if unfoldable else ptq
-    amx = host_has_amx_int8()
-    path, applied = write_int8_onnx(quantizer(model, calib, example_input=example), work / "edgeres_int8_proposed.onnx",
-                                    size, sink=True, amx=amx)
-    engine = _ort_engine("edgeres_int8_proposed", "edgeres INT8 proposed", "int8", path, threads, t0,
-                         edgeres_backend=True)
-    engine.details["rewrites"] = {"A_bn_as_depthwise": unfoldable, "B_dequantize_moved": applied["dequantize_moved"],
-                                  "C_amx_convs": applied.get("amx_convs", "host has no amx_int8")}
-    return engine
+    path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size)
+    return _ort_engine("edgeres_int8", "edgeres INT8", "int8", path, threads, t0, edgeres_backend=True)
 
 
 def ort_quantize_static_engine(fp32_onnx: Path, calib: list[torch.Tensor], work: Path, threads: int) -> Engine:
@@ -361,7 +348,6 @@ class Settings:
     calib: int = 128
     eval_images: int = 500
     data: str | None = None
-    proposed: bool = True
     keep: Path | None = None
 
     @property
@@ -370,7 +356,7 @@ class Settings:
 
 
 def ratios(stats: dict[str, dict[str, LatencyStats]]) -> dict:
-    """Speed-ups: every engine vs PyTorch eager FP32; edgeres INT8 (and the proposal) vs the INT8 peers."""
+    """Speed-ups: every engine vs PyTorch eager FP32; edgeres INT8 (ORT and OpenVINO) vs the INT8 peers."""
     b1, b64 = stats["batch1"], stats["batch64"]
 
     def vs(a: str, b: str) -> dict | None:  # how many times faster a is than b
@@ -380,7 +366,7 @@ def ratios(stats: dict[str, dict[str, LatencyStats]]) -> dict:
                 "batch64_throughput": round(b64[a].throughput_ips / b64[b].throughput_ips, 3)}
 
     out = {"vs_torch_fp32": {k: vs(k, "torch_fp32") for k in b1}}
-    for ours in ("edgeres_int8", "edgeres_int8_proposed", "edgeres_int8_openvino"):
+    for ours in ("edgeres_int8", "edgeres_int8_openvino"):
         for peer in ("ort_qs_int8", "openvino_int8"):
             if (r := vs(ours, peer)) is not None:
                 out[f"{ours}_vs_{peer}"] = r
@@ -415,8 +401,6 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
         engines = [torch_engine(model)]
         ort_fp32, fp32_onnx = ort_fp32_engine(model, work, s.threads)
         engines += [ort_fp32, edgeres_int8_engine(model, calib, work, s.threads)]
-        if s.proposed:
-            engines.append(edgeres_int8_engine(model, calib, work, s.threads, proposed=True))
         engines.append(ort_quantize_static_engine(fp32_onnx, calib, work, s.threads))
         notes = []
         try:
@@ -447,7 +431,7 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
             for e in engines
         ],
         "ratios": rat,
-        "targets": {k: targets(rat, k) for k in ("edgeres_int8", "edgeres_int8_proposed") if k in rat["vs_torch_fp32"]},
+        "targets": {"edgeres_int8": targets(rat)},
         "notes": notes,
     }
 
@@ -558,8 +542,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", type=int, default=500, help="test images for the top-1 check (0: skip)")
     p.add_argument("--data", default=None, help="folder holding cifar-10-batches-py/ (default: $EDGERES_DATA)")
     p.add_argument("--weights", action="append", default=[], metavar="MODEL=PATH", help="checkpoint for a model")
-    p.add_argument("--no-proposed", dest="proposed", action="store_false",
-                   help="skip the edgeres INT8 variant with benchmarks/wrn_gap.py's rewrites")
     p.add_argument("--keep", type=Path, default=None, help="keep the ONNX files under this folder")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
@@ -577,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = Settings(runs=args.runs, rounds=args.rounds, warmup=args.warmup,
                         threads=args.threads or len(os.sched_getaffinity(0)), calib=args.calib,
-                        eval_images=args.eval, data=args.data, proposed=args.proposed, keep=args.keep)
+                        eval_images=args.eval, data=args.data, keep=args.keep)
     try:
         result = run(models, settings, weights)
     except EdgeresError as exc:

@@ -1,35 +1,31 @@
-"""Where edgeres INT8 loses time in ONNX Runtime on CPU, and three rewrites that win it back (measured here first).
+"""Where edgeres INT8 loses time in ONNX Runtime on CPU: the library's CPU rewrites toggled one at a time.
 
 ORT runs a CPU-flavour Q/DQ model as QLinear* kernels, channels-last (microsoft/onnxruntime#5824). What it
 cannot fuse runs in FP32 between DequantizeLinear and QuantizeLinear, wrapped in NHWC<->NCHW Transposes.
+edgeres's pipeline already applies the rewrites that remove those; this study switches off what the library
+lets it switch off and shows what each one buys:
 
-A. Pre-activation WRN: the BN-ReLU after each residual add has no conv to fold into (compress.fold_bn), so
-   NNCF leaves it unquantized and ORT runs DQ -> Add -> BatchNormalization -> Q with Transposes around it.
-   Written as the equivalent depthwise 1x1 conv (what ORT's own NCHWc optimizer does for FP32,
-   microsoft/onnxruntime#2855), NNCF quantizes it: add -> QLinearAdd, BN+ReLU -> QLinearConv, no FP32 island
-   and no Transposes. Cost: one more 8-bit rounding (the add output); the "BN" weights are exact (one value
-   per channel, per-channel scale). NNCF would give a depthwise conv's input per-channel activation scales,
-   which QLinearAdd cannot take, so activations are asked per-tensor (they are per-tensor everywhere else).
-B. DequantizeLinear before pure data movement (Slice, Pad, Flatten, Reshape, Transpose, ...) blocks fusion:
-   the option-A shortcut's DQ -> Slice -> Pad -> Add stays FP32 and DQ -> Flatten -> Gemm stays an FP32 Gemm.
-   Moving the DQ after the data movement (Pad fills with the zero point: exact) gives QLinearAdd and QGemm.
-C. With int8 weights of zero point 0, ORT's QLinearConv takes MLAS's symmetric conv kernels (AVX512-VNNI);
-   with one non-zero weight zero point for all channels it takes the general QGEMM, which has Intel AMX
-   kernels (microsoft/onnxruntime#14042). On AMX CPUs that is ~1.2-2.2x faster per conv when the reduction
-   K = C_in*kh*kw >= 256 and C_out >= 64, slower below. Shifting those weights by -1 with zero point -1 is
-   exact (NNCF's weights lie in [-127, 127]). Applied only where the host reports amx_int8.
+A. Pre-activation WRN: the BN-ReLU after each residual add has no conv to fold into. With
+   `QuantizeOptions(bn_as_conv=False)` NNCF leaves it unquantized and ORT runs DQ -> Add -> BatchNormalization
+   -> Q with Transposes around it; the default (`fold_bn(..., depthwise=True)`) writes it as a depthwise 1x1
+   conv that NNCF quantizes (QLinearAdd + QLinearConv, no FP32 island). Variant "int8 BN kept" vs "int8".
+B. `export.to_cpu_flavour` moves DequantizeLinear past pure data movement (Slice, Pad, Flatten...) so the
+   option-A shortcut and the classifier fuse (QLinearAdd, QGemm). The library exposes no switch for it, so
+   every variant here has it; this study has no variant without it.
+C. `export.amx_conv_weights`: wide convs get weight zero point -1 so ORT's QLinearConv takes MLAS's AMX QGEMM
+   (microsoft/onnxruntime#14042). backends/ort.py applies it at load time on AMX hosts; here sessions are plain
+   ORT sessions, so "int8" runs without it and "int8 +AMX" (AMX hosts only) with it.
 
     python benchmarks/wrn_gap.py [--model wrn-16-4] [--weights CKPT] [--eval 1000] [--runs 200] [--json OUT]
 
-builds the model's INT8 ONNX as the pipeline does, then each rewrite alone and all together; prints the op
-types and FP32 islands ORT runs, interleaved batch-1 / batch-64 timings and top-1 through ONNX Runtime.
+builds the model's INT8 ONNX as the pipeline does ("int8") and the variants; prints the op types and FP32
+islands ORT runs, interleaved batch-1 / batch-64 timings and top-1 through ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import os
 import sys
@@ -40,183 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-# Data movement only: a per-tensor quantized tensor passes through with the same values on the same grid.
-SINK_THROUGH = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
-AMX_MIN_K = 256  # C_in * kh * kw below which MLAS's VNNI symmetric conv beats its AMX QGEMM (measured)
-AMX_MIN_OUT = 64
-
-
-# ---------------------------------------------------------------- A: unfoldable BN as a depthwise conv
-
-
-def bn_as_depthwise(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, int]:
-    """Copy of `model` with each BN that cannot fold into a conv replaced by the same affine map as a depthwise
-    1x1 Conv2d (weight gamma / sqrt(var + eps), bias beta - mean * weight); returns it and how many were replaced."""
-    from edgeres.compress.fold_bn import find_conv_bn_pairs
-
-    out = copy.deepcopy(model).eval()
-    _, unfoldable = find_conv_bn_pairs(out, example_input)
-    with torch.no_grad():
-        for name in unfoldable:
-            bn = out.get_submodule(name)
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=True)
-            conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
-            conv.bias.copy_(bn.bias - bn.running_mean * scale)
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, leaf, conv)
-    if hasattr(model, "cfg"):
-        out.cfg = model.cfg
-    return out, len(unfoldable)
-
-
-def ptq_bn_as_conv(model: nn.Module, calib_batches: list[torch.Tensor], *, example_input: torch.Tensor) -> nn.Module:
-    """compress.quantize.ptq with unfoldable BNs as depthwise convs and per-tensor activation quantizers."""
-    import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
-
-    from edgeres.compress.fold_bn import fold_bn
-    from edgeres.compress.quantize import make_activations_signed
-
-    converted, _ = bn_as_depthwise(model, example_input)
-    folded = fold_bn(converted, example_input=example_input).model
-    qmodel = nncf.quantize(  # compress.quantize.ptq's call (fast bias correction on), activations per-tensor
-        folded,
-        nncf.Dataset(list(calib_batches)),
-        subset_size=len(calib_batches),
-        advanced_parameters=AdvancedQuantizationParameters(
-            disable_bias_correction=False,
-            activations_quantization_params=QuantizationParameters(per_channel=False),
-        ),
-    )
-    make_activations_signed(qmodel)
-    if hasattr(model, "cfg"):
-        qmodel.cfg = model.cfg
-    return qmodel.eval()
-
-
-# ---------------------------------------------------------------- B: DequantizeLinear after data movement
-
-
-def _sinkable(gr, dq) -> list:
-    """Readers of `dq` that only move data and take it as their data input (input 0 only)."""
-    from edgeres.export import _attr
-
-    if dq.input[0] in gr.inits or dq.output[0] in gr.outputs:
-        return []
-    scale = gr.const(dq.input[1])
-    if scale is None or scale.size != 1:  # per-channel axes would move with Transpose/Reshape
-        return []
-    out = []
-    for c in gr.consumers[dq.output[0]]:
-        if c.op_type not in SINK_THROUGH or c.input[0] != dq.output[0] or dq.output[0] in c.input[1:]:
-            continue
-        if c.op_type == "Pad":
-            mode = _attr(c, "mode", b"constant")
-            value = gr.const(c.input[2]) if len(c.input) > 2 and c.input[2] else np.zeros(())
-            if mode not in (b"constant", "constant") or value is None or np.any(value != 0):
-                continue
-        out.append(c)
-    return out
-
-
-def sink_dequantize(onnx_model):
-    """Move each activation DequantizeLinear after the Slice/Pad/Flatten/... that read it; return (model, moved).
-
-    Exact: those ops only move values, and Pad fills with the zero point, which dequantizes to 0.0. Then ORT
-    fuses the DQ with what follows (DQ -> Add -> Q into QLinearAdd, DQ -> Gemm into QGemm); Gemm biases
-    become int32 once their input comes from a DQ.
-    """
-    import onnx
-
-    from edgeres.export import _clear_value_info, _Graph, _int32_bias, _zero_point
-
-    model = copy.deepcopy(onnx_model)
-    gr = _Graph(model)
-    moved = 0
-    while True:
-        found = next(((dq, c) for dq in gr.g.node if dq.op_type == "DequantizeLinear" for c in _sinkable(gr, dq)),
-                     None)
-        if found is None:
-            break
-        dq, c = found
-        out = c.output[0]
-        quantized = gr.unique(f"{out}_quantized")
-        c.input[0] = dq.input[0]
-        c.output[0] = quantized
-        if c.op_type == "Pad":
-            zp = _zero_point(gr, dq).reshape(())
-            if np.any(zp != 0) or (len(c.input) > 2 and c.input[2]):
-                while len(c.input) < 3:
-                    c.input.append("")
-                c.input[2] = gr.add_init(f"{c.name or out}_pad_value", zp)
-        new = onnx.helper.make_node("DequantizeLinear", [quantized, *dq.input[1:]], [out], name=gr.unique(f"{out}_dq"))
-        gr.g.node.insert(list(gr.g.node).index(c) + 1, new)
-        if len(gr.consumers[dq.output[0]]) == 1:
-            gr.g.node.remove(dq)
-        _clear_value_info(model, {out, quantized})
-        gr.refresh()
-        moved += 1
-    gr.prune_unused()
-    _int32_bias(gr)
-    return model, moved
-
-
-# ---------------------------------------------------------------- C: AMX-friendly weight zero points
-
-
-def host_has_amx_int8() -> bool:
-    """Whether this CPU (Linux /proc/cpuinfo) has Intel AMX int8 tiles."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    return any(line.startswith("flags") and "amx_int8" in line.split() for line in cpuinfo.read_text().splitlines())
-
-
-def amx_conv_weights(onnx_model, *, min_k: int = AMX_MIN_K, min_out: int = AMX_MIN_OUT):
-    """Give wide convs' int8 weights zero point -1 (values shifted by -1: exact); return (model, convs changed).
-
-    ORT's QLinearConv then uses MLAS's general QGEMM (AMX kernels) instead of its symmetric VNNI conv.
-    """
-    from edgeres.export import _attr, _Graph, _is_weight_dq, _zero_point
-
-    model = copy.deepcopy(onnx_model)
-    gr = _Graph(model)
-    changed = 0
-    for conv in [n for n in gr.g.node if n.op_type == "Conv"]:
-        dq = gr.producer.get(conv.input[1])
-        if dq is None or not _is_weight_dq(gr, dq) or len(gr.consumers[dq.input[0]]) != 1:
-            continue
-        w, scale = gr.const(dq.input[0]), gr.const(dq.input[1])
-        if w.dtype != np.int8 or w.ndim < 3 or _attr(conv, "group", 1) != 1 or np.any(_zero_point(gr, dq) != 0):
-            continue
-        if int(np.prod(w.shape[1:])) < min_k or w.shape[0] < min_out:
-            continue
-        shift = -1 if w.min() > -128 else 1 if w.max() < 127 else 0
-        if shift == 0:
-            continue
-        shifted = gr.add_init(f"{dq.input[0]}_amx", (w.astype(np.int16) + shift).astype(np.int8))
-        zero_point = gr.add_init(f"{dq.input[0]}_amx_zero_point", np.full(scale.shape, shift, np.int8))
-        dq.input[0] = shifted
-        if len(dq.input) < 3:
-            dq.input.append(zero_point)
-        else:
-            dq.input[2] = zero_point
-        changed += 1
-    gr.prune_unused()
-    return model, changed
-
-
 # ---------------------------------------------------------------- writing and inspecting
 
 
-def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, sink: bool = False,
-                    amx: bool = False) -> tuple[Path, dict]:
-    """strip -> export_onnx -> to_cpu_flavour (the pipeline's CPU INT8 writer), then rewrites B / C if asked."""
+def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, amx: bool = False) -> tuple[Path, dict]:
+    """strip -> export_onnx -> to_cpu_flavour (the pipeline's CPU INT8 writer), then export.amx_conv_weights if
+    asked (what backends/ort.py does at load on AMX hosts)."""
     import onnx
 
     from edgeres.compress.quantize import strip
-    from edgeres.export import export_onnx, save_onnx, short_tensor_names, to_cpu_flavour
+    from edgeres.export import amx_conv_weights, export_onnx, save_onnx, to_cpu_flavour
 
     example = torch.zeros(1, 3, input_size, input_size)
     raw = path.with_name(path.stem + ".raw.onnx")
@@ -224,11 +53,9 @@ def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, sink: boo
     model = to_cpu_flavour(onnx.load(str(raw)))
     raw.unlink()
     applied = {}
-    if sink:
-        model, applied["dequantize_moved"] = sink_dequantize(model)
     if amx:
         model, applied["amx_convs"] = amx_conv_weights(model)
-    save_onnx(short_tensor_names(model) if applied else model, path)
+    save_onnx(model, path)
     return path, applied
 
 
@@ -322,7 +149,9 @@ def _eval(runners: dict, model: nn.Module, ds) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from cpu_int8 import calibration_set, fp32_model, interleaved, load_split
 
-    from edgeres.compress.quantize import ptq
+    from edgeres.backends.ort import host_has_amx_int8
+    from edgeres.compress.fold_bn import fold_bn
+    from edgeres.compress.quantize import QuantizeOptions, ptq
     from edgeres.export import export_onnx
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -349,21 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"fp32": export_onnx(model, tmp / "fp32.onnx", input_size=size)}
         base = ptq(model, calib, example_input=example)
         paths["int8"], _ = write_int8_onnx(base, tmp / "int8.onnx", size)
-        converted, n_bn = bn_as_depthwise(model, example)
+        report = fold_bn(model, example_input=example, depthwise=True)
         with torch.no_grad():
             x = torch.randn(8, 3, size, size)
-            diff = float((converted(x) - model(x)).abs().max())
-        result["bn_as_depthwise"] = {"replaced": n_bn, "fp32_max_abs_logit_diff": diff}
+            diff = float((report.model(x) - model(x)).abs().max())
+        result["bn_as_depthwise"] = {"replaced": report.unfoldable, "fp32_max_abs_logit_diff": diff}
         applied = {}
-        dw = ptq_bn_as_conv(model, calib, example_input=example) if n_bn else None
-        if dw is not None:
-            paths["int8 +A dwBN"], applied["int8 +A dwBN"] = write_int8_onnx(dw, tmp / "a.onnx", size)
-        paths["int8 +B sink DQ"], applied["int8 +B sink DQ"] = write_int8_onnx(base, tmp / "b.onnx", size, sink=True)
+        if report.unfoldable:
+            kept = ptq(model, calib, example_input=example, options=QuantizeOptions(bn_as_conv=False))
+            paths["int8 BN kept"], applied["int8 BN kept"] = write_int8_onnx(kept, tmp / "bn_kept.onnx", size)
         if amx:
-            paths["int8 +C AMX"], applied["int8 +C AMX"] = write_int8_onnx(base, tmp / "c.onnx", size, amx=True)
-        if dw is not None or amx:
-            paths["int8 +A+B+C"], applied["int8 +A+B+C"] = write_int8_onnx(dw or base, tmp / "abc.onnx", size,
-                                                                           sink=True, amx=amx)
+            paths["int8 +AMX"], applied["int8 +AMX"] = write_int8_onnx(base, tmp / "amx.onnx", size, amx=True)
         result["applied"] = applied
         result["graphs"] = {k: graph_summary(v, threads) for k, v in paths.items() if k != "fp32"}
         runners = {k: _runner(_session(v, threads)) for k, v in paths.items()}
