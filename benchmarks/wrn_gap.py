@@ -149,10 +149,10 @@ def _eval(runners: dict, model: nn.Module, ds) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from cpu_int8 import calibration_set, fp32_model, interleaved, load_split
 
-    from edgeres.backends.ort import host_has_amx_int8
     from edgeres.compress.fold_bn import fold_bn
     from edgeres.compress.quantize import QuantizeOptions, ptq
     from edgeres.export import export_onnx
+    from edgeres.hostcpu import has_amx_int8
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="wrn-16-4")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     size = model.cfg.input_size
     example = torch.zeros(1, 3, size, size)
     calib, calib_note = calibration_set(model, args.calib)
-    amx = host_has_amx_int8()
+    amx = has_amx_int8()
     result: dict = {"model": model.cfg.name, "weights": weights_note, "calibration": calib_note, "threads": threads,
                     "host_amx_int8": amx}
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,9 +39,11 @@ _PASS_THROUGH = {
 }
 # Pure data movement: a per-tensor quantized tensor passes through on the same grid (Pad fills the zero point).
 _SINK_THROUGH = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
-# Below these, MLAS's symmetric VNNI conv beats its AMX QGEMM (measured per conv shape, ORT 1.31, 1 thread).
+# Below these, MLAS's symmetric VNNI conv beats its AMX QGEMM at batch 1 (ORT 1.31, 1 and 2 threads). 64-wide
+# convs gain at batch 64 but lose at batch 1 (resnet20: 0.95x of quantize_static at batch 1 with them, 1.01x
+# without); batch-1 latency comes first on the edge. Side by side: benchmarks/amx_threshold.py.
 AMX_MIN_K = 256  # C_in * kh * kw
-AMX_MIN_OUT = 64
+AMX_MIN_OUT = 128
 _GRID_PRESERVING = {"MaxPool", "GlobalMaxPool", "Slice", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze",
                     "Unsqueeze", "Identity"}
 
@@ -316,8 +318,9 @@ def amx_conv_weights(onnx_model, *, min_k: int = AMX_MIN_K, min_out: int = AMX_M
 
     With weight zero point 0, ORT's QLinearConv takes MLAS's symmetric conv kernels (AVX512-VNNI); with one
     non-zero zero point for all channels it takes the general QGEMM, which has Intel AMX kernels
-    (onnxruntime#14042): 1.2-2.2x faster per conv on AMX CPUs when K = C_in*kh*kw >= 256 and C_out >= 64, slower
-    below, and no gain without AMX. So the file stays portable and backends/ort.py applies this at load time.
+    (onnxruntime#14042): 1.2-2.2x faster per conv on AMX CPUs when K = C_in*kh*kw >= 256 and C_out >= 128, slower
+    below at batch 1, and no gain without AMX. So the file stays portable and backends/ort.py applies this at
+    load time.
     """
     model = copy.deepcopy(onnx_model)
     gr = _Graph(model)

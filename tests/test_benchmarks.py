@@ -107,3 +107,17 @@ def test_wrn_gap_smoke_run_writes_json(bench, tmp_path):
     assert result["bn_as_depthwise"]["replaced"] >= 3 and result["bn_as_depthwise"]["fp32_max_abs_logit_diff"] < 1e-3
     assert {"int8", "int8 BN kept"} <= set(result["graphs"])
     assert result["timing"]["batch1"]["int8"]["speedup_vs_int8"] == 1.0
+
+
+def test_amx_threshold_smoke_run_counts_rewritten_convs(bench, tmp_path):
+    import amx_threshold
+
+    out = tmp_path / "amx.json"
+    assert amx_threshold.main(["--model", "wrn-10-1", "--runs", "10", "--calib", "16", "--threads", "1",
+                               "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rewritten = result["convs_rewritten"]
+    assert rewritten["edgeres, AMX K>=256 N>=64"] >= 1  # wrn-10-1's 64-wide 3x3 convs
+    assert rewritten["edgeres, AMX K>=256 N>=128"] == 0  # nothing is 128 wide
+    b1 = result["timing"]["batch1"]
+    assert b1["quantize_static"]["vs_quantize_static"] == 1.0 and "edgeres, no AMX rewrite" in b1

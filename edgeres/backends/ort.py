@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeres.backends.base import Artifact, RuntimeOptions
 from edgeres.errors import ExportError
+from edgeres.hostcpu import has_amx_int8
 from edgeres.io import atomic_write, sha256sum
 
 if TYPE_CHECKING:
@@ -38,21 +39,13 @@ def _session_options(options: RuntimeOptions | None, optimized_path: Path | None
     return so
 
 
-def host_has_amx_int8() -> bool:
-    """Whether this CPU has Intel AMX int8 tiles (Linux /proc/cpuinfo)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and any(
-        line.startswith("flags") and "amx_int8" in line.split() for line in cpuinfo.read_text().splitlines()
-    )
-
-
 def _model_for_host(onnx_path: Path) -> str | bytes:
     """The file as is, or on AMX CPUs with wide convs routed to ORT's AMX kernels (export.amx_conv_weights)."""
     import onnx
 
     from edgeres.export import amx_conv_weights
 
-    if not host_has_amx_int8():
+    if not has_amx_int8():
         return str(onnx_path)
     model, changed = amx_conv_weights(onnx.load(str(onnx_path)))
     return model.SerializeToString() if changed else str(onnx_path)
