@@ -6,6 +6,7 @@ runs them in order for one target and writes the export folder whole or not at a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -27,6 +28,8 @@ from edgeres.models.stats import count_macs, count_params
 from edgeres.progress import info
 from edgeres.report import ExportReport, VariantRow
 
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -38,6 +41,8 @@ class ExportOptions:
     prune: float | None = None
     prune_epochs: int = 0
     prune_lr: float = 0.01
+    distill: bool = True  # pruning fine-tune learns from the unpruned model's logits too
+    train_precision: str = "auto"  # fine-tuning math: "auto" (bf16 where the CPU has it natively), "fp32", "bf16"
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     calib: str = "default"
@@ -60,20 +65,32 @@ def _versions() -> dict:
     return out
 
 
-def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOptions, desc: str) -> list[dict]:
+def _bf16_training(opts: ExportOptions) -> bool:
+    """Whether fine-tuning runs under bfloat16 autocast (CPU training here; QAT always stays fp32)."""
+    from edgeres.hostcpu import has_native_bf16
+
+    if opts.train_precision not in TRAIN_PRECISIONS:
+        raise EdgeresError(f"--train-precision must be one of {', '.join(TRAIN_PRECISIONS)}, "
+                           f"got {opts.train_precision!r}")
+    return opts.train_precision == "bf16" or (opts.train_precision == "auto" and has_native_bf16())
+
+
+def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOptions, desc: str,
+              criterion=None) -> list[dict]:
     """SGD with a cosine schedule for `epochs` over the training split (pruning recovery)."""
     from edgeres.train import run_epoch
 
     steps = data.num_batches(train_ds, opts.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    bf16 = _bf16_training(opts)
     history = []
     for epoch in range(epochs):
         stats = run_epoch(
             model,
             data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
                          seed=opts.seed, epoch=epoch),
-            optimizer, scheduler, total=steps, desc=f"{desc} {epoch + 1}/{epochs}",
+            optimizer, scheduler, total=steps, desc=f"{desc} {epoch + 1}/{epochs}", bf16=bf16, criterion=criterion,
         )
         history.append({"epoch": epoch + 1, "loss": round(stats.loss, 4), "train_accuracy": round(stats.accuracy, 2)})
     model.eval()
@@ -184,18 +201,23 @@ def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
         raise EdgeresError("--prune-epochs needs --prune R")
     if not opts.int8 and opts.qat_epochs:
         raise EdgeresError("--qat-epochs needs --int8")
+    _bf16_training(opts)  # rejects an unknown --train-precision before any work
     return target, precision
 
 
 def _prune_stage(net: nn.Module, train_ds, opts: ExportOptions, example: torch.Tensor) -> tuple[nn.Module, dict]:
-    """Structured pruning, then fine-tuning; the pruned model and what it cost and saved."""
+    """Structured pruning, then fine-tuning (distilled from the unpruned model); the pruned model and its figures."""
+    from edgeres.compress.distill import Distillation
     from edgeres.compress.prune import prune, pruned_spec
 
     rep = prune(net, opts.prune, example_input=example)
     work = rep.model
-    history = _finetune(work, train_ds, opts.prune_epochs, opts.prune_lr, opts, "prune fine-tune") \
+    teacher = Distillation(copy.deepcopy(net)) if opts.distill and opts.prune_epochs else None
+    history = _finetune(work, train_ds, opts.prune_epochs, opts.prune_lr, opts, "prune fine-tune", teacher) \
         if opts.prune_epochs else []
     return work, {"ratio": opts.prune, "epochs": opts.prune_epochs, "lr": opts.prune_lr,
+                  "distillation": teacher.to_dict() if teacher else None,
+                  "train_precision": ("bf16" if _bf16_training(opts) else "fp32") if opts.prune_epochs else None,
                   "params_before": rep.params_before, "params_after": rep.params_after,
                   "macs_before": rep.macs_before, "macs_after": rep.macs_after,
                   "macs_cut": round(rep.macs_cut, 4), "history": history, "spec": pruned_spec(work)}

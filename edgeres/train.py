@@ -122,23 +122,31 @@ def run_epoch(
     desc: str = "train",
     device: torch.device | str = "cpu",
     scaler: torch.amp.GradScaler | None = None,
+    bf16: bool = False,
     channels_last: bool = False,
+    criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     show: bool = True,
 ) -> EpochStats:
-    """One pass of SGD over `batches`; `scheduler` steps per iteration when given; AMP with `scaler`."""
+    """One pass of SGD over `batches`; `scheduler` steps per iteration when given.
+
+    Mixed precision: float16 with `scaler` (CUDA), or bfloat16 autocast with `bf16` (CPUs with native
+    bf16 such as AMX). `criterion(logits, x, y)` replaces cross-entropy, e.g. a distillation loss.
+    """
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss()
+    loss_of = criterion or (lambda logits, x, y: cross_entropy(logits, y))
     loss_sum, correct, seen = 0.0, 0, 0
-    use_amp = scaler is not None
+    use_amp = scaler is not None or bf16
+    amp_dtype = torch.bfloat16 if bf16 else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with _bar(desc, total, show) as advance:
         for x, y in batches:
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=torch.device(device).type, enabled=use_amp):
+            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
-                loss = criterion(logits, y)
+                loss = loss_of(logits.float(), x, y)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

@@ -69,11 +69,13 @@ def test_pruned_fp32_export_reports_smaller_macs(tmp_path):
     assert variants == ["fp32", "pruned fp32", "pruned fp32"] or variants[:2] == ["fp32", "pruned fp32"]
     assert report.rows[-1].macs < 0.7 * report.rows[0].macs
     assert report.prune["macs_cut"] > 0.3 and len(report.prune["history"]) == 1
+    assert report.prune["distillation"]["temperature"] > 0
 
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"prune": 1.5}, "--prune"), ({"qat_epochs": 1}, "--int8"), ({"prune_epochs": 2}, "--prune R")],
+    [({"prune": 1.5}, "--prune"), ({"qat_epochs": 1}, "--int8"), ({"prune_epochs": 2}, "--prune R"),
+     ({"prune": 0.5, "prune_epochs": 1, "train_precision": "fp8"}, "--train-precision")],
 )
 def test_bad_options(tmp_path, kw, match):
     with pytest.raises(EdgeresError, match=match):
