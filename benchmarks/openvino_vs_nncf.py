@@ -8,6 +8,7 @@ Every IR loads through `OpenVINOBackend` (INFERENCE_PRECISION_HINT f32, LATENCY,
 are taken side by side in one process: blocks of batch-1 calls and batch-64 calls rotate over the models
 for `--rounds` rounds, so load from other jobs falls on all of them alike; p50 over all samples. A
 pause before each block lets ONNX Runtime's spinning worker threads go idle, so no model pays for the last one.
+Speed against NNCF's own IR is the median of per-round ratios with a 95% bootstrap interval over rounds.
 
     python benchmarks/openvino_vs_nncf.py [--model resnet20.cifar10_akamaster] [--eval 10000] [--rounds 20]
 
@@ -37,11 +38,12 @@ from edgeres.checkpoint import load_model
 from edgeres.compress.quantize import ptq, strip
 
 
-def build(model_name: str, tmp: Path) -> tuple[torch.nn.Module, dict[str, tuple[str, Artifact]]]:
+def build(model_name: str, tmp: Path, weights: str | None = None
+          ) -> tuple[torch.nn.Module, dict[str, tuple[str, Artifact]]]:
     import nncf
     import openvino as ov
 
-    net = load_model(model_name).eval()
+    net = load_model(model_name, weights).eval()
     cfg = net.cfg
     train = data.load_dataset(cfg.dataset, "train", image_size=cfg.input_size)
     calib = calibration_batches(load_calibration("default"), train, cfg.mean, cfg.std)
@@ -67,37 +69,68 @@ def build(model_name: str, tmp: Path) -> tuple[torch.nn.Module, dict[str, tuple[
     return net, arts
 
 
+REFERENCE = "OV int8 (NNCF native)"
+
+
 def timings(sessions: dict, shape: tuple[int, ...], rounds: int) -> dict[str, dict]:
+    """Per model: batch-1 p50, batch-64 throughput, and its speed relative to REFERENCE round by round.
+
+    Each round times every model in turn (order reversed every other round), so a ratio taken within one
+    round compares models under the same machine conditions; the median of those per-round ratios, a 95%
+    bootstrap interval over rounds and the share of rounds the model was at least as fast say how sure it is.
+    """
     rng = np.random.default_rng(0)
     x1, x64 = rng.standard_normal((1, *shape), dtype=np.float32), rng.standard_normal((64, *shape), dtype=np.float32)
-    t1: dict[str, list] = {k: [] for k in sessions}
-    t64: dict[str, list] = {k: [] for k in sessions}
+    t1: dict[str, list[list[float]]] = {k: [] for k in sessions}
+    t64: dict[str, list[list[float]]] = {k: [] for k in sessions}
     for backend, s in sessions.values():  # warm-up
         for x in (x1,) * 10 + (x64,) * 2:
             backend.run(s, x)
-    for _ in range(rounds):
-        for name, (backend, s) in sessions.items():
+    order = list(sessions)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            backend, s = sessions[name]
             for x, out, n in ((x1, t1[name], 25), (x64, t64[name], 3)):
                 time.sleep(0.5)  # let the previous runtime's worker threads stop spinning (ONNX Runtime spins)
                 backend.run(s, x)  # one untimed call after switching models
+                samples = []
                 for _ in range(n):
                     t = time.perf_counter()
                     backend.run(s, x)
-                    out.append(time.perf_counter() - t)
-    return {k: {"p50_ms_b1": round(float(np.median(t1[k])) * 1e3, 3),
-                "throughput_b64": round(64 / float(np.median(t64[k])), 1)} for k in sessions}
+                    samples.append(time.perf_counter() - t)
+                out.append(samples)
+    result = {}
+    for k in sessions:
+        row = {"p50_ms_b1": round(float(np.median(np.concatenate(t1[k]))) * 1e3, 3),
+               "throughput_b64": round(64 / float(np.median(np.concatenate(t64[k]))), 1)}
+        if REFERENCE in sessions:
+            row["vs_nncf_native_b1"] = speed_ratio(t1[REFERENCE], t1[k])
+            row["vs_nncf_native_b64"] = speed_ratio(t64[REFERENCE], t64[k])
+        result[k] = row
+    return result
+
+
+def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: int = 2000) -> dict:
+    """Reference time / model time per round (> 1: the model is faster): median, 95% bootstrap CI, share >= 1."""
+    ratios = np.array([np.median(r) / np.median(m) for r, m in zip(reference, model, strict=True)])
+    rng = np.random.default_rng(0)
+    boot = np.median(rng.choice(ratios, size=(draws, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": round(float(np.median(ratios)), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)],
+            "rounds_at_least_as_fast": round(float(np.mean(ratios >= 1.0)), 3), "rounds": len(ratios)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20.cifar10_akamaster")
+    ap.add_argument("--weights", default=None, help="checkpoint (default: the model name's own, else random init)")
     ap.add_argument("--eval", type=int, default=10000, help="test images for top-1 (0: skip)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        net, arts = build(args.model, Path(d))
+        net, arts = build(args.model, Path(d), args.weights)
         cfg = net.cfg
         opts = RuntimeOptions(threads=args.threads)
         sessions = {k: (get_backend(a.runtime), get_backend(a.runtime).load(a, opts)) for k, a in arts.items()}
@@ -119,12 +152,18 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(f"{cfg.name}: {result['cpus']} CPUs, load average {load[0]:.1f} before timing")
-    print(f"{'artifact':24s} {'MB':>6s} {'top-1 %':>8s} {'b1 p50 ms':>10s} {'b64 img/s':>10s}  runtime layers")
+    print(f"{'artifact':24s} {'MB':>6s} {'top-1 %':>8s} {'b1 p50 ms':>10s} {'b64 img/s':>10s} "
+          f"{'b1 x native [95% CI]':>22s} {'b64 x native [95% CI]':>22s}  runtime layers")
     for k, v in rows.items():
         p = v["precision"] or {}
         layers = f"int8 {p['int8_ops']} / fp32 {p['fp32_ops']} / bf16 {p['bf16_ops']}" if p else ""
+        vs = [_ratio_text(v.get(f"vs_nncf_native_{b}")) for b in ("b1", "b64")]
         print(f"{k:24s} {v['size_mb']:6.3f} {v.get('top1_accuracy', float('nan')):8.2f} {v['p50_ms_b1']:10.3f} "
-              f"{v['throughput_b64']:10.1f}  {layers}")
+              f"{v['throughput_b64']:10.1f} {vs[0]:>22s} {vs[1]:>22s}  {layers}")
+
+
+def _ratio_text(r: dict | None) -> str:
+    return f"{r['median']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r else "-"
 
 
 if __name__ == "__main__":
