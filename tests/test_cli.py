@@ -58,6 +58,8 @@ def _main_exit(monkeypatch, capsys, *argv):
         (["eval", "wrn-17-2"], "6n+4"),
         (["eval", "resnet20", "--weights", "/nonexistent.pt"], "not found"),
         (["export", "resnet20", "--target", "no-such-board"], "no-such-board"),
+        (["export", "resnet20", "--data", "synthetic", "--prune", "0.5", "--prune-epochs", "1",
+          "--train-precision", "fp8"], "--train-precision"),
         (["report", "/nonexistent"], "report.json"),
     ],
 )
