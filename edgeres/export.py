@@ -495,7 +495,8 @@ def to_openvino_flavour(onnx_model):
 
     Post-ReLU int8 zp 0 -> uint8 zp 0 with the same scale (lossless); other activations stay symmetric int8
     and biases stay FP32, so `ov.convert_model` yields one FakeQuantize per pair, fused into int8 kernels,
-    and a smaller IR than the CPU flavour (whose int32 biases and uint8 zp-128 shifts add layers).
+    and a smaller IR than the CPU flavour (whose int32 biases and uint8 zp-128 shifts add layers). BNs that
+    were quantized as depthwise convs go back to Mul/Add for OpenVINO to fuse (`bn_convs_as_affine`).
     """
     model = store_int8_weights(onnx_model)
     gr = _Graph(model)
@@ -508,4 +509,75 @@ def to_openvino_flavour(onnx_model):
             raise ExportError(f"QuantizeLinear {q.name!r} has a non-zero int8 zero point; expected symmetric int8")
         _retype(gr, q, dqs, np.zeros(zp.shape, np.uint8))
     gr.prune_unused()
+    bn_convs_as_affine(gr)
     return short_tensor_names(model)
+
+
+def _bn_conv(gr: _Graph, conv) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of a depthwise 1x1 conv that stands for a BN (fold_bn's bn_as_depthwise), else None."""
+    if conv.op_type != "Conv" or len(conv.input) < 2:
+        return None
+    wdq = gr.producer.get(conv.input[1])
+    if wdq is None or not _is_weight_dq(gr, wdq) or np.any(_zero_point(gr, wdq) != 0):
+        return None
+    w, w_scale = gr.const(wdq.input[0]), gr.const(wdq.input[1])
+    channels = w.shape[0]
+    if w.shape[1:] != (1, 1, 1) or _attr(conv, "group", 1) != channels:
+        return None
+    if any(v != 1 for v in _attr(conv, "strides", [1])) or any(v != 0 for v in _attr(conv, "pads", [0])):
+        return None
+    bias = gr.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, np.float32)
+    if bias is None:
+        return None
+    scale = w.reshape(channels).astype(np.float32) * np.broadcast_to(w_scale.astype(np.float32), (channels,))
+    return scale, bias.astype(np.float32)
+
+
+def bn_convs_as_affine(gr: _Graph) -> int:
+    """OpenVINO flavour: BN-as-depthwise-conv back to Mul/Add, on the unquantized input where nothing else uses it.
+
+    OpenVINO's CPU plugin fuses a per-channel Mul/Add with the ReLU and FakeQuantize after it, into the conv
+    that produced the input when that residual sum has no other use, else into one jit kernel: the runtime
+    graph of OpenVINO's own NNCF path, and faster than a depthwise conv (wrn-16-4, static shapes, 2 threads:
+    0.94-0.95x of NNCF's IR with the depthwise convs, 1.00-1.01x like this). Where the input's quantization
+    serves only the BN it is dropped, which keeps the sum in FP32 as that path does (one rounding fewer).
+    Returns the number of convs rewritten.
+    """
+    import onnx
+
+    changed = 0
+    for conv in [n for n in gr.g.node if n.op_type == "Conv"]:
+        affine = _bn_conv(gr, conv)
+        if affine is None:
+            continue
+        scale, shift = affine
+        x = conv.input[0]
+        dq = gr.producer.get(x)
+        q = gr.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and all(
+                len(gr.consumers[t]) == 1 for t in (x, q.output[0], q.input[0])) and q.input[0] not in gr.outputs:
+            x = q.input[0]  # the quantization only fed this BN: read the FP32 value
+        shape = (1, -1, 1, 1)
+        mul_out = gr.unique(f"{conv.output[0]}_scaled")
+        mul = onnx.helper.make_node("Mul", [x, gr.add_init(f"{conv.name}_scale", scale.reshape(shape))], [mul_out],
+                                    name=gr.unique(f"{conv.name}_mul"))
+        add = onnx.helper.make_node("Add", [mul_out, gr.add_init(f"{conv.name}_shift", shift.reshape(shape))],
+                                    [conv.output[0]], name=gr.unique(f"{conv.name}_add"))
+        at = list(gr.g.node).index(conv)
+        gr.g.node.remove(conv)
+        gr.g.node.insert(at, add)
+        gr.g.node.insert(at, mul)
+        _clear_value_info(gr.model, {conv.output[0]})
+        gr.refresh()
+        changed += 1
+    _drop_dead_nodes(gr)
+    gr.prune_unused()
+    return changed
+
+
+def _drop_dead_nodes(gr: _Graph) -> None:
+    """Remove nodes none of whose outputs is used (e.g. a Q/DQ pair that fed only a rewritten node)."""
+    while dead := [n for n in gr.g.node if not any(o in gr.outputs or gr.consumers.get(o) for o in n.output)]:
+        for n in dead:
+            gr.g.node.remove(n)
+        gr.refresh()

@@ -100,7 +100,7 @@ def test_precision_report_is_true_fp32_and_int8(files):
     assert fp32["fp32_ops"] > 0 and fp32["int8_ops"] == 0 and fp32["bf16_ops"] == 0 and fp32["fp16_ops"] == 0
     int8 = backend.load(files["art"]["int8"]).precision
     assert int8["inference_precision_hint"] == "f32" and int8["bf16_ops"] == 0
-    assert int8["layers"]["Convolution"] == {"int8": 13}  # wrn-10-1's 9 convs + 4 BNs as depthwise convs
+    assert int8["layers"]["Convolution"] == {"int8": 9}  # wrn-10-1's 9 convs; its 4 unfoldable BNs fused into them
     assert int8["int8_ops"] > int8["fp32_ops"]
     assert files["art"]["int8"].meta["execution"]["int8_ops"] == int8["int8_ops"]
 
@@ -169,3 +169,20 @@ class TestOpenVINOContract(BackendContract):
     runtime = "openvino"
     target = "cpu-openvino"
     suffix = ".xml"
+
+
+def test_openvino_flavour_hands_bns_back_as_mul_add(files):
+    """BN-as-depthwise-conv becomes Mul/Add; its input's quantization is dropped only where it fed nothing else."""
+    raw = files["raw"]
+    cpu = E.to_cpu_flavour(raw)  # keeps the depthwise convs
+    ov_flavour = E.to_openvino_flavour(raw)
+    depthwise = [n for n in cpu.graph.node if n.op_type == "Conv" and E._attr(n, "group", 1) > 1]
+    assert len(depthwise) == 4  # wrn-10-1's unfoldable BNs
+    assert not [n for n in ov_flavour.graph.node if n.op_type == "Conv" and E._attr(n, "group", 1) > 1]
+    assert sum(n.op_type == "Mul" for n in ov_flavour.graph.node) == 4
+    q = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph.node)  # noqa: E731
+    assert 0 < q(cpu) - q(ov_flavour) < 4  # single-use sums lose their quantizer, shared ones keep it
+    ref = _ort_logits(E.save_onnx(cpu, files["tmp"] / "cpu_flavour.onnx"))  # BNs as int8 depthwise convs
+    out = _ort_logits(E.save_onnx(ov_flavour, files["tmp"] / "ov_flavour.onnx"))
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()

@@ -2,9 +2,9 @@
 
 `ov.convert_model` turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize; the CPU plugin
 fuses those into int8 convolutions (residual add and ReLU included) and folds weight FakeQuantizes into
-int8 constants, so the .bin of an INT8 model is about a quarter of the FP32 one. The CPU flavour
-(export.to_cpu_flavour) converts to the same runtime graph as NNCF's own OpenVINO quantization, so
-one model.onnx serves ONNX Runtime and OpenVINO alike.
+int8 constants, so the .bin of an INT8 model is about a quarter of the FP32 one. The OpenVINO flavour
+(export.to_openvino_flavour) of the quantized model that also serves ONNX Runtime fuses the way NNCF's own
+OpenVINO quantization does, pre-activation BNs included; the CPU flavour's file loads too.
 
 Precision is stated, never guessed: on CPUs with AMX or AVX512-BF16 the plugin runs "FP32" models in
 bf16 unless told otherwise, so every model loads with INFERENCE_PRECISION_HINT f32 (for INT8 models
