@@ -17,7 +17,8 @@ latency does not depend on weight values) and turned into:
    INFERENCE_PRECISION_HINT f32, so the parts left in floating point are not silently run as bf16 on
    AMX/AVX512-BF16 CPUs (OpenVINO's default there); one compiled model per batch size (static shapes);
 
-plus "edgeres INT8 on OpenVINO": the file of (3) compiled by OpenVINO as in (5). benchmarks/wrn_gap.py
+plus "edgeres INT8, OpenVINO target": the same quantized model in the OpenVINO flavour (what `--target cpu-openvino`
+converts to IR), compiled by OpenVINO as in (5). benchmarks/wrn_gap.py
 shows what each of (3)'s CPU rewrites buys.
 
 Every INT8 flavour calibrates on the same images: 128 class-balanced CIFAR-10 training images
@@ -181,7 +182,8 @@ def edgeres_int8_engine(model: nn.Module, calib: list[torch.Tensor], work: Path,
     t0 = time.perf_counter()
     size = model.cfg.input_size
     example = torch.zeros(1, 3, size, size)
-    path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size)
+    path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size,
+                              openvino=work / "edgeres_int8_openvino.onnx")
     return _ort_engine("edgeres_int8", "edgeres INT8", "int8", path, threads, t0, edgeres_backend=True)
 
 
@@ -257,11 +259,11 @@ def openvino_int8_engine(fp32_onnx: Path, calib: list[torch.Tensor], size: int, 
 
 
 def edgeres_on_openvino_engine(int8_onnx: Path, size: int, threads: int) -> Engine:
-    """edgeres's own INT8 file (CPU flavour) compiled by OpenVINO: its Q/DQ pairs become FakeQuantize."""
+    """edgeres's OpenVINO-flavoured INT8 file (what --target cpu-openvino converts to IR), compiled by OpenVINO."""
     import openvino as ov
 
     t0 = time.perf_counter()
-    return _openvino_engine("edgeres_int8_openvino", "edgeres INT8 on OpenVINO", ov.convert_model(str(int8_onnx)),
+    return _openvino_engine("edgeres_int8_openvino", "edgeres INT8, OpenVINO target", ov.convert_model(str(int8_onnx)),
                             size, threads, t0)
 
 
@@ -405,7 +407,7 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
         notes = []
         try:
             engines.append(openvino_int8_engine(fp32_onnx, calib, size, s.threads))
-            engines.append(edgeres_on_openvino_engine(work / "edgeres_int8.onnx", size, s.threads))
+            engines.append(edgeres_on_openvino_engine(work / "edgeres_int8_openvino.onnx", size, s.threads))
         except ImportError as exc:
             notes.append(f"OpenVINO engines skipped: {exc}; pip install 'edgeres[openvino]'")
         accuracy = {}

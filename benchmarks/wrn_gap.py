@@ -39,18 +39,22 @@ from torch import nn
 # ---------------------------------------------------------------- writing and inspecting
 
 
-def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, amx: bool = False) -> tuple[Path, dict]:
+def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, amx: bool = False,
+                    openvino: Path | None = None) -> tuple[Path, dict]:
     """strip -> export_onnx -> to_cpu_flavour (the pipeline's CPU INT8 writer), then export.amx_conv_weights if
-    asked (what backends/ort.py does at load on AMX hosts)."""
+    asked (what backends/ort.py does at load on AMX hosts). With `openvino`, also writes the OpenVINO flavour
+    of the same export there (what `--target cpu-openvino` ships)."""
     import onnx
 
     from edgeres.compress.quantize import strip
-    from edgeres.export import amx_conv_weights, export_onnx, save_onnx, to_cpu_flavour
+    from edgeres.export import amx_conv_weights, export_onnx, save_onnx, to_cpu_flavour, to_openvino_flavour
 
     example = torch.zeros(1, 3, input_size, input_size)
     raw = path.with_name(path.stem + ".raw.onnx")
     export_onnx(strip(qmodel, example), raw, input_size=input_size)
     model = to_cpu_flavour(onnx.load(str(raw)))
+    if openvino is not None:
+        save_onnx(to_openvino_flavour(onnx.load(str(raw))), openvino)
     raw.unlink()
     applied = {}
     if amx:
