@@ -149,12 +149,9 @@ def artifact_from_path(path: str | os.PathLike) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise EdgeresError(f"artifact {path} not found")
+    """The artifact at `path`, its precision read from the file itself (an export folder holds several)."""
     runtime = runtime_for(path)
-    precision = "unknown"
-    manifest = path.parent / "manifest.json"
-    if manifest.is_file():
-        precision = json.loads(manifest.read_text()).get("precision", precision)
-    elif runtime == "onnxruntime":
+    if runtime == "onnxruntime":
         from edgeres.backends.ort import precision_of
 
         precision = precision_of(path)
@@ -162,6 +159,11 @@ def artifact_from_path(path: str | os.PathLike) -> Artifact:
         from edgeres.backends.openvino import ir_precision
 
         precision = ir_precision(path)
+    else:  # an engine is opaque without TensorRT: `edgeres build` records its precision beside it
+        from edgeres.backends.tensorrt import engine_meta_path
+
+        meta = engine_meta_path(path)
+        precision = json.loads(meta.read_text()).get("precision", "unknown") if meta.is_file() else "unknown"
     return Artifact(path=path, runtime=runtime, precision=precision)
 
 

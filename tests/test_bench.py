@@ -32,3 +32,13 @@ def test_bad_artifacts(tmp_path):
         bench_path(tmp_path / "m.bin")
     with pytest.raises(EdgeresError, match="runs >= 1"):
         time_runs(lambda a: a, torch.zeros(1).numpy(), 0, 0)
+
+
+def test_precision_comes_from_the_file_not_the_folder(tmp_path):
+    """An int8 export folder also holds fp32.onnx: benching it must not say int8."""
+    import json
+
+    path = export_onnx(models.create("wrn-10-1").eval(), tmp_path / "fp32.onnx", input_size=32)
+    (tmp_path / "manifest.json").write_text(json.dumps({"precision": "int8", "input_shape": ["batch", 3, 32, 32]}))
+    res = bench_path(path, BenchOptions(batch_sizes=(1,), warmup=1, runs=2, threads=1))
+    assert res.precision == "fp32"
