@@ -37,8 +37,8 @@ def _cell(value: Any) -> str:
 
 def make_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+    for i, col in enumerate(columns):  # fold, never "269…": a cut-off number reads as another number
+        table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
     return table
@@ -60,7 +60,10 @@ def render(result: Tabular, *, as_json: bool = False, notes: list[str] | None = 
         return
     console = Console()
     columns, rows = result.table_rows()
-    console.print(make_table(result.title, columns, rows))
+    table = make_table(result.title, columns, rows)
+    if not console.is_terminal:  # piped or redirected: no screen edge to fit, so nothing is squeezed
+        console.width = max(console.width, console.measure(table, options=console.options.update_width(10**4)).maximum)
+    console.print(table)
     for note in notes or []:
         console.print(note, style="dim", highlight=False)
 

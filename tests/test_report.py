@@ -39,3 +39,12 @@ def test_combine_rejects_non_reports(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(EdgeresError, match="not an edgeres report"):
         combine([tmp_path])
+
+
+def test_piped_table_is_never_cut(capsys):
+    """Redirected output has no screen edge: headers and numbers print whole, not as 'par…' or '269…'."""
+    from edgeres.report import CombinedReport, render
+
+    render(CombinedReport([_row(params=269_722, macs=41_120_394, model="resnet20")], ["a"]))
+    out = capsys.readouterr().out
+    assert "41,120,394" in out and "269,722" in out and "top-1 err %" in out and "…" not in out
