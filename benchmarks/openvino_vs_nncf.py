@@ -120,7 +120,7 @@ def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: i
             "rounds_at_least_as_fast": round(float(np.mean(ratios >= 1.0)), 3), "rounds": len(ratios)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20.cifar10_akamaster")
     ap.add_argument("--weights", default=None, help="checkpoint (default: the model name's own, else random init)")
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         net, arts = build(args.model, Path(d), args.weights)
         cfg = net.cfg
@@ -148,7 +148,10 @@ def main() -> None:
         load = os.getloadavg()
         for k, v in timings(sessions, (3, cfg.input_size, cfg.input_size), args.rounds).items():
             rows[k].update(v)
-    result = {"model": cfg.name, "cpus": len(os.sched_getaffinity(0)), "loadavg_before_timing": load, "rows": rows}
+    from cpu_int8 import machine, versions
+
+    result = {"model": cfg.name, "cpus": len(os.sched_getaffinity(0)), "loadavg_before_timing": load,
+              "machine": machine(), "versions": versions(), "rounds": args.rounds, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(f"{cfg.name}: {result['cpus']} CPUs, load average {load[0]:.1f} before timing")
@@ -160,6 +163,7 @@ def main() -> None:
         vs = [_ratio_text(v.get(f"vs_nncf_native_{b}")) for b in ("b1", "b64")]
         print(f"{k:24s} {v['size_mb']:6.3f} {v.get('top1_accuracy', float('nan')):8.2f} {v['p50_ms_b1']:10.3f} "
               f"{v['throughput_b64']:10.1f} {vs[0]:>22s} {vs[1]:>22s}  {layers}")
+    return 0
 
 
 def _ratio_text(r: dict | None) -> str:
@@ -167,4 +171,4 @@ def _ratio_text(r: dict | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -121,3 +121,18 @@ def test_amx_threshold_smoke_run_counts_rewritten_convs(bench, tmp_path):
     assert rewritten["edgeres, AMX K>=256 N>=128"] == 0  # nothing is 128 wide
     b1 = result["timing"]["batch1"]
     assert b1["quantize_static"]["vs_quantize_static"] == 1.0 and "edgeres, no AMX rewrite" in b1
+
+
+def test_openvino_vs_nncf_smoke_run_writes_json(bench, tmp_path, data_root):
+    pytest.importorskip("openvino")
+    import openvino_vs_nncf
+
+    out = tmp_path / "ov.json"
+    assert openvino_vs_nncf.main(["--model", "wrn-10-1", "--eval", "0", "--rounds", "2", "--threads", "1",
+                                  "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert rows["OV int8 (NNCF native)"]["vs_nncf_native_b1"]["median"] == 1.0
+    ours = rows["OV int8 (edgeres)"]["precision"]
+    assert ours["int8_ops"] > 0 and ours["bf16_ops"] == 0
+    assert result["machine"]["cores_available"] >= 1 and "openvino" in result["versions"]
