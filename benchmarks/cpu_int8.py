@@ -442,21 +442,9 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
 
 
 def machine() -> dict:
-    flags: set[str] = set()
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    return {
-        "cpu": model,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
-        "platform": platform.platform(),
-    }
+    from edgeres.hostcpu import describe
+
+    return {**describe(), "platform": platform.platform()}
 
 
 def versions() -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
 from edgeres.errors import EdgeresError
+from edgeres.hostcpu import describe
 
 SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".xml": "openvino"}
 
@@ -48,11 +49,13 @@ class BenchResult:
     peak_rss_mb: float
     memory_delta_mb: float
     rows: list[LatencyStats] = field(default_factory=list)
+    host: dict = field(default_factory=dict)  # hostcpu.describe(): latency means little without the CPU
 
     @property
     def title(self) -> str:
-        return (f"{Path(self.artifact).name}: {self.runtime} {self.precision}, {self.threads} threads, "
-                f"{self.size_mb:.2f} MB, peak RSS {self.peak_rss_mb:.0f} MB (+{self.memory_delta_mb:.0f} MB)")
+        return (f"{Path(self.artifact).name}: {self.runtime} {self.precision}, {self.threads} threads"
+                f"{host_text(self.host)}, {self.size_mb:.2f} MB, peak RSS {self.peak_rss_mb:.0f} MB "
+                f"(+{self.memory_delta_mb:.0f} MB)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +63,13 @@ class BenchResult:
     def table_rows(self):
         cols = ["batch", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s"]
         return cols, [[r.batch, r.runs, r.p50_ms, r.p90_ms, r.p99_ms, r.mean_ms, r.throughput_ips] for r in self.rows]
+
+
+def host_text(host: dict) -> str:
+    """" on AMD EPYC (avx2)" for a hostcpu.describe() record; empty for none."""
+    if not host:
+        return ""
+    return f" on {host['cpu']}" + (f" ({', '.join(host['isa'])})" if host.get("isa") else "")
 
 
 class _PeakRss:
@@ -183,7 +193,8 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
             x = rng.standard_normal((b, *shape), dtype=np.float32)
             runs = max(options.runs // max(b // 8, 1), 5)  # fewer repeats for big batches, same wall time
             rows.append(time_runs(lambda a: backend.run(session, a), x, options.warmup, runs))
-    threads = options.threads or len(os.sched_getaffinity(0))
+    host = describe()
+    threads = options.threads or host["cores_available"]
     return BenchResult(
         artifact=str(artifact.path),
         runtime=artifact.runtime,
@@ -194,6 +205,7 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
         peak_rss_mb=round(mem.peak / 2**20, 1),
         memory_delta_mb=round((mem.peak - before) / 2**20, 1),
         rows=rows,
+        host=host,
     )
 
 

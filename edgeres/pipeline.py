@@ -19,10 +19,11 @@ from torch import nn
 
 from edgeres import data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
-from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, time_runs
+from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, host_text, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.errors import EdgeresError
+from edgeres.hostcpu import describe, has_native_bf16
 from edgeres.io import atomic_dir, atomic_write, sha256sum
 from edgeres.models.stats import count_macs, count_params
 from edgeres.progress import info
@@ -67,8 +68,6 @@ def _versions() -> dict:
 
 def _bf16_training(opts: ExportOptions) -> bool:
     """Whether fine-tuning runs under bfloat16 autocast (CPU training here; QAT always stays fp32)."""
-    from edgeres.hostcpu import has_native_bf16
-
     if opts.train_precision not in TRAIN_PRECISIONS:
         raise EdgeresError(f"--train-precision must be one of {', '.join(TRAIN_PRECISIONS)}, "
                            f"got {opts.train_precision!r}")
@@ -291,9 +290,13 @@ def export(
         notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
     if precision == "fp16":
         notes.append("fp16: top-1 is that of the FP32 ONNX through ONNX Runtime; the device builds it as FP16")
+    host = None
     if target.runtime == "tensorrt":
         notes.append("latency not measured here: on the device run `bash build.sh` then `edgeres bench "
                      "model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
+    else:
+        host = {**describe(), "threads": opts.bench.threads or describe()["cores_available"]}
+        notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
 
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
@@ -320,7 +323,7 @@ def export(
         extras = _target_extras(tmp, target, deployed, precision)
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
-            quantization=quant_info, agreement=agreement, notes=notes, extras=extras,
+            quantization=quant_info, agreement=agreement, notes=notes, extras=extras, host=host,
         )
         with atomic_write(tmp / "report.json") as f:
             f.write_text(json.dumps(report.to_dict(), indent=2))

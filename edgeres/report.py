@@ -117,6 +117,7 @@ class ExportReport:
     agreement: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
+    host: dict | None = None  # where latency was measured: hostcpu.describe() plus "threads"; None if nowhere
 
     @property
     def title(self) -> str:
@@ -128,7 +129,7 @@ class ExportReport:
         return {"model": self.model, "target": self.target, "out": self.out,
                 "rows": [r.to_dict() for r in self.rows], "bn_fold": self.fold, "pruning": self.prune,
                 "quantization": self.quantization, "logits_agreement": self.agreement, "notes": self.notes,
-                **self.extras}
+                "host": self.host, **self.extras}
 
     def table_rows(self):
         return ROW_COLUMNS, [_row_cells(r) for r in self.rows]

@@ -21,6 +21,7 @@ def test_bench_onnx_artifact(tmp_path):
     assert [r.batch for r in res.rows] == [1, 8]
     assert res.threads == 1 and res.precision == "fp32" and res.input_shape == [3, 32, 32]
     assert res.peak_rss_mb > 0 and res.size_mb > 0
+    assert res.host["cpu"] and res.host["cpu"] in res.title  # latency means little without the CPU
     assert all(r.throughput_ips == pytest.approx(r.batch * 1e3 / r.p50_ms, rel=1e-3) for r in res.rows)
 
 

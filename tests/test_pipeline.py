@@ -33,6 +33,10 @@ def test_int8_export_folder_and_report_schema(int8_export):
     assert doc["rows"][0]["top1_error_delta"] == 0.0
     assert doc["bn_fold"]["folded"] == 19 and doc["bn_fold"]["max_abs_logit_diff"] < 1e-4
     assert doc["notes"] and "synthetic" in doc["notes"][0]
+    from edgeres.hostcpu import cpu_name
+
+    assert doc["host"]["cpu"] == cpu_name() and doc["host"]["threads"] >= 1  # where the latency was measured
+    assert any(cpu_name() in n and "threads" in n for n in doc["notes"])
 
 
 def test_int8_file_shrinks_and_manifest_hashes_files(int8_export):
@@ -117,6 +121,7 @@ def test_jetson_bundle_contents(jetson_bundle):
     assert manifest["tensorrt_lint"]["ok"] is True
     assert set(manifest["files"]) >= {"model.onnx", "build.sh", "calibration.cache"}
     assert all(r.latency_ms_p50 is None and "not measured" in r.latency_source for r in report.rows)
+    assert report.host is None  # nothing was timed here, so no host is named
 
 
 def test_jetson_bundle_passes_lint_and_has_no_uint8(jetson_bundle):
