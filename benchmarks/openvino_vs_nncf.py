@@ -32,7 +32,7 @@ from edgeres import data, targets
 from edgeres import export as E
 from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
 from edgeres.backends.openvino import ir_bytes
-from edgeres.bench import evaluate_session
+from edgeres.bench import evaluate_session, speed_ratio
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.compress.quantize import ptq, strip
@@ -108,16 +108,6 @@ def timings(sessions: dict, shape: tuple[int, ...], rounds: int) -> dict[str, di
             row["vs_nncf_native_b64"] = speed_ratio(t64[REFERENCE], t64[k])
         result[k] = row
     return result
-
-
-def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: int = 2000) -> dict:
-    """Reference time / model time per round (> 1: the model is faster): median, 95% bootstrap CI, share >= 1."""
-    ratios = np.array([np.median(r) / np.median(m) for r, m in zip(reference, model, strict=True)])
-    rng = np.random.default_rng(0)
-    boot = np.median(rng.choice(ratios, size=(draws, len(ratios))), axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"median": round(float(np.median(ratios)), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)],
-            "rounds_at_least_as_fast": round(float(np.mean(ratios >= 1.0)), 3), "rounds": len(ratios)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,21 @@ def time_runs(run, batch: np.ndarray, warmup: int, runs: int) -> LatencyStats:
     )
 
 
+def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: int = 2000) -> dict:
+    """How many times faster `model` runs than `reference`, from per-round timings taken side by side.
+
+    Each argument holds one list of call times per round; a round's ratio is reference median / model median,
+    so both saw the same machine conditions. Returns the median ratio, its 95% bootstrap interval over rounds
+    and the share of rounds the model was at least as fast (> 1: the model is faster).
+    """
+    ratios = np.array([np.median(r) / np.median(m) for r, m in zip(reference, model, strict=True)])
+    rng = np.random.default_rng(0)
+    boot = np.median(rng.choice(ratios, size=(draws, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": round(float(np.median(ratios)), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)],
+            "rounds_at_least_as_fast": round(float(np.mean(ratios >= 1.0)), 3), "rounds": len(ratios)}
+
+
 def artifact_bytes(path: Path) -> int:
     """Bytes on disk of an artifact (an OpenVINO IR is the .xml plus its .bin)."""
     size = path.stat().st_size

@@ -43,3 +43,14 @@ def test_precision_comes_from_the_file_not_the_folder(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"precision": "int8", "input_shape": ["batch", 3, 32, 32]}))
     res = bench_path(path, BenchOptions(batch_sizes=(1,), warmup=1, runs=2, threads=1))
     assert res.precision == "fp32"
+
+
+def test_speed_ratio_per_round_with_interval():
+    from edgeres.bench import speed_ratio
+
+    ref = [[2.0, 2.0, 2.1], [4.0, 4.1, 4.0], [2.0, 2.2, 2.0]]  # a slow second round hits both alike
+    fast = [[1.0, 1.0, 1.1], [2.0, 2.0, 2.1], [1.0, 1.1, 1.0]]
+    r = speed_ratio(ref, fast)
+    assert r["median"] == 2.0 and r["rounds"] == 3 and r["rounds_at_least_as_fast"] == 1.0
+    assert r["ci95"][0] <= 2.0 <= r["ci95"][1]
+    assert speed_ratio(fast, ref)["median"] == 0.5

@@ -94,7 +94,11 @@ def test_script_smoke_run_writes_json(bench, tmp_path):
     assert m["ratios"]["vs_torch_fp32"]["torch_fp32"]["batch1_latency"] == 1.0
     assert all(e["batch1"]["p50_ms"] > 0 and e["batch64"]["throughput_ips"] > 0 for e in m["engines"])
     assert "edgeres_int8_proposed" not in keys and set(m["targets"]) == {"edgeres_int8"}
-    assert set(m["targets"]["edgeres_int8"]) == {"batch1_4x_torch_fp32", "not_slower_than_ort_quantize_static"}
+    target = m["targets"]["edgeres_int8"]
+    assert set(target) == {"batch1_4x_torch_fp32", "not_slower_than_ort_quantize_static", "vs_ort_quantize_static"}
+    per_round = m["ratios"]["edgeres_int8_vs_ort_qs_int8"]["batch1_per_round"]
+    assert per_round["rounds"] == 1 and per_round["ci95"][0] <= per_round["median"] <= per_round["ci95"][1]
+    assert target["vs_ort_quantize_static"]["batch1"] == per_round["verdict"] in {"faster", "slower", "parity"}
 
 
 def test_wrn_gap_smoke_run_writes_json(bench, tmp_path):
