@@ -171,10 +171,10 @@ def input_shape_of(path: Path) -> list[int]:
 
 
 def artifact_from_path(path: str | os.PathLike) -> Artifact:
+    """The artifact at `path`, its precision read from the file itself (an export folder holds several)."""
     path = Path(path)
     if not path.is_file():
         raise EdgeresError(f"artifact {path} not found")
-    """The artifact at `path`, its precision read from the file itself (an export folder holds several)."""
     runtime = runtime_for(path)
     if runtime == "onnxruntime":
         from edgeres.backends.ort import precision_of

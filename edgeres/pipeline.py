@@ -295,7 +295,8 @@ def export(
         notes.append("latency not measured here: on the device run `bash build.sh` then `edgeres bench "
                      "model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
     else:
-        host = {**describe(), "threads": opts.bench.threads or describe()["cores_available"]}
+        host = describe()
+        host["threads"] = opts.bench.threads or host["cores_available"]
         notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
 
     with atomic_dir(out) as tmp:
