@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from edgeres.bench import evaluate_session, speed_ratio
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.compress.quantize import ptq, strip
+
+sys.path.insert(0, str(Path(__file__).parent))  # cpu_int8 beside this script, however it is started
 
 
 def build(model_name: str, tmp: Path, weights: str | None = None
@@ -111,6 +114,8 @@ def timings(sessions: dict, shape: tuple[int, ...], rounds: int) -> dict[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpu_int8 import machine, versions  # before any work: a broken setup fails at once
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20.cifar10_akamaster")
     ap.add_argument("--weights", default=None, help="checkpoint (default: the model name's own, else random init)")
@@ -138,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()
         for k, v in timings(sessions, (3, cfg.input_size, cfg.input_size), args.rounds).items():
             rows[k].update(v)
-    from cpu_int8 import machine, versions
-
     result = {"model": cfg.name, "cpus": len(os.sched_getaffinity(0)), "loadavg_before_timing": load,
               "machine": machine(), "versions": versions(), "rounds": args.rounds, "rows": rows}
     if args.json:
