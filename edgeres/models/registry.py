@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from edgeres.errors import ModelError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from edgeres.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
