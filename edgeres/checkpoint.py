@@ -182,7 +182,17 @@ def load_model(
     if ckpt is not None and ckpt.cfg:
         from dataclasses import replace
 
-        model.cfg = replace(model.cfg, mean=tuple(ckpt.cfg["mean"]), std=tuple(ckpt.cfg["std"]))
+        from edgeres.preprocess import Preprocess
+
+        saved_pp = ckpt.cfg.get("preprocess")
+        saved_classes = ckpt.cfg.get("classes")
+        model.cfg = replace(
+            model.cfg,
+            mean=tuple(ckpt.cfg["mean"]),
+            std=tuple(ckpt.cfg["std"]),
+            preprocess=Preprocess.from_dict(saved_pp) if saved_pp else None,
+            classes=tuple(saved_classes) if saved_classes else model.cfg.classes,
+        )
     if ckpt is not None and ckpt.pruned:
         from edgeres.compress.prune import apply_pruned_spec
 

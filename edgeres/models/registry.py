@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from edgeres.errors import ModelError
-from edgeres.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from edgeres.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class ModelCfg:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     arch: dict = field(default_factory=dict)  # options beyond the name that rebuild the model
+    classes: tuple[str, ...] | None = None  # class names in output order, when known
+    preprocess: Preprocess | None = None  # None: derived from input_size, mean and std
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            pp = (
+                Preprocess.cifar(self.input_size, self.mean, self.std)
+                if self.input_size < 64
+                else Preprocess.imagenet(self.input_size, resize=round(self.input_size * 256 / 224))
+            )
+            object.__setattr__(self, "preprocess", pp)
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +51,8 @@ class ModelCfg:
             "mean": list(self.mean),
             "std": list(self.std),
             "arch": dict(self.arch),
+            "classes": list(self.classes) if self.classes is not None else None,
+            "preprocess": self.preprocess.to_dict(),
         }
 
 
