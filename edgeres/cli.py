@@ -148,6 +148,7 @@ def export_cmd(
     distill: Annotated[bool, typer.Option(help="Pruning fine-tune also learns the unpruned model's logits")] = True,
     train_precision: Annotated[str, typer.Option(help="Fine-tuning math: auto (bf16 on CPUs with native bf16), "
                                                  "fp32 or bf16")] = "auto",
+    train_device: Annotated[str, typer.Option(help="Where pruning fine-tuning trains: cpu or cuda")] = "cpu",
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware training epochs after calibration")] = 0,
     qat_lr: Annotated[float, typer.Option(help="QAT learning rate (cosine to 0)")] = 1e-3,
     calib: Annotated[int | None, typer.Option(help="Calibration images (default: the set's own size)")] = None,
@@ -169,7 +170,7 @@ def export_cmd(
     from edgeres.report import render
 
     opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs, prune_lr=prune_lr,
-                         distill=distill, train_precision=train_precision,
+                         distill=distill, train_precision=train_precision, train_device=train_device,
                          qat_epochs=qat_epochs,
                          qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
                          bench=BenchOptions(batch_sizes=(1, 64), threads=threads))

@@ -43,7 +43,8 @@ class ExportOptions:
     prune_epochs: int = 0
     prune_lr: float = 0.01
     distill: bool = True  # pruning fine-tune learns from the unpruned model's logits too
-    train_precision: str = "auto"  # fine-tuning math: "auto" (bf16 where the CPU has it natively), "fp32", "bf16"
+    train_precision: str = "auto"  # fine-tuning math: "auto" (bf16 where the hardware has it natively), "fp32", "bf16"
+    train_device: str = "cpu"  # where pruning recovery trains: "cpu" or "cuda"; QAT and every measurement stay on CPU
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     calib: str = "default"
@@ -66,19 +67,37 @@ def _versions() -> dict:
     return out
 
 
+def _train_device(opts: ExportOptions) -> torch.device:
+    """The device pruning recovery trains on; asking for CUDA where there is none is an error."""
+    if opts.train_device not in ("cpu", "cuda"):
+        raise EdgeresError(f"--train-device must be cpu or cuda, got {opts.train_device!r}")
+    if opts.train_device == "cuda" and not torch.cuda.is_available():
+        raise EdgeresError("--train-device cuda asked for but no GPU is available; pass --train-device cpu")
+    return torch.device(opts.train_device)
+
+
 def _bf16_training(opts: ExportOptions) -> bool:
-    """Whether fine-tuning runs under bfloat16 autocast (CPU training here; QAT always stays fp32)."""
+    """Whether fine-tuning runs under bfloat16 autocast (QAT always stays fp32)."""
     if opts.train_precision not in TRAIN_PRECISIONS:
         raise EdgeresError(f"--train-precision must be one of {', '.join(TRAIN_PRECISIONS)}, "
                            f"got {opts.train_precision!r}")
-    return opts.train_precision == "bf16" or (opts.train_precision == "auto" and has_native_bf16())
+    if opts.train_precision != "auto":
+        return opts.train_precision == "bf16"
+    if _train_device(opts).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return has_native_bf16()
 
 
 def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOptions, desc: str,
               criterion=None) -> list[dict]:
-    """SGD with a cosine schedule for `epochs` over the training split (pruning recovery)."""
+    """SGD with a cosine schedule for `epochs` over the training split (pruning recovery), on `opts.train_device`;
+    the model (and a distillation teacher) come back to the CPU."""
     from edgeres.train import run_epoch
 
+    device = _train_device(opts)
+    model.to(device)
+    if criterion is not None and hasattr(criterion, "teacher"):
+        criterion.teacher.to(device)
     steps = data.num_batches(train_ds, opts.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
@@ -90,9 +109,12 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
             data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
                          seed=opts.seed, epoch=epoch),
             optimizer, scheduler, total=steps, desc=f"{desc} {epoch + 1}/{epochs}", bf16=bf16, criterion=criterion,
+            device=device,
         )
         history.append({"epoch": epoch + 1, "loss": round(stats.loss, 4), "train_accuracy": round(stats.accuracy, 2)})
-    model.eval()
+    model.to("cpu").eval()
+    if criterion is not None and hasattr(criterion, "teacher"):
+        criterion.teacher.to("cpu")
     return history
 
 
@@ -200,7 +222,7 @@ def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
         raise EdgeresError("--prune-epochs needs --prune R")
     if not opts.int8 and opts.qat_epochs:
         raise EdgeresError("--qat-epochs needs --int8")
-    _bf16_training(opts)  # rejects an unknown --train-precision before any work
+    _bf16_training(opts)  # rejects an unknown --train-precision or --train-device before any work
     return target, precision
 
 
@@ -310,6 +332,7 @@ def export(
             work, prune_info = _prune_stage(net, train_ds, opts, example)
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
             rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
+            _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=weights)
         deployed, fold_info = _fold_stage(work, example)
         if fold_info["unfoldable"]:  # pre-activation BNs: no conv before them to fold into
             fold_info["unfoldable_run_as"] = "int8 depthwise 1x1 conv" if opts.int8 else "fp32 BatchNormalization"
@@ -339,6 +362,17 @@ def export(
         with atomic_write(tmp / "manifest.json") as f:  # written last: its presence means the folder is whole
             f.write_text(json.dumps(manifest, indent=2))
     return report
+
+
+def _save_pruned(path: Path, model: nn.Module, prune_info: dict, *, baseline: VariantRow,
+                 weights: str | os.PathLike | None) -> None:
+    """The pruned, fine-tuned FP32 model as an edgeres checkpoint, with the unpruned model's measured figures, so a
+    later export can start from it (`--weights pruned.pt`) and still judge accuracy against the model the user gave."""
+    from edgeres.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, pruned=prune_info["spec"], extra={"unpruned_baseline": {
+        "model": model.cfg.name, "weights": str(weights) if weights else None, "top1_error": baseline.top1_error,
+        "eval_images": baseline.eval_images, "runtime": baseline.runtime}})
 
 
 def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input_size: int, int8: bool) -> None:

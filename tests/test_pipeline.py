@@ -74,12 +74,22 @@ def test_pruned_fp32_export_reports_smaller_macs(tmp_path):
     assert report.rows[-1].macs < 0.7 * report.rows[0].macs
     assert report.prune["macs_cut"] > 0.3 and len(report.prune["history"]) == 1
     assert report.prune["distillation"]["temperature"] > 0
+    # the pruned, fine-tuned model is kept as a checkpoint that reloads to the same logits, with the baseline
+    import torch
+
+    from edgeres.checkpoint import load_model
+
+    pruned = load_model("resnet20", tmp_path / "p" / "pruned.pt").eval()
+    saved = torch.load(tmp_path / "p" / "pruned.pt", weights_only=True)
+    assert saved["extra"]["unpruned_baseline"]["top1_error"] == report.rows[0].top1_error
+    assert sum(p.numel() for p in pruned.parameters()) == report.rows[1].params
 
 
 @pytest.mark.parametrize(
     "kw,match",
     [({"prune": 1.5}, "--prune"), ({"qat_epochs": 1}, "--int8"), ({"prune_epochs": 2}, "--prune R"),
-     ({"prune": 0.5, "prune_epochs": 1, "train_precision": "fp8"}, "--train-precision")],
+     ({"prune": 0.5, "prune_epochs": 1, "train_precision": "fp8"}, "--train-precision"),
+     ({"prune": 0.5, "prune_epochs": 1, "train_device": "tpu"}, "--train-device")],
 )
 def test_bad_options(tmp_path, kw, match):
     with pytest.raises(EdgeresError, match=match):
