@@ -96,7 +96,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Per process")] = 128,
     lr: float = 0.1,
     weight_decay: Annotated[float | None, typer.Option(help="Default: 1e-4 ResNet, 5e-4 WRN")] = None,
-    schedule: Annotated[str, typer.Option(help="step (/10 at 50% and 75%) or cosine")] = "step",
+    schedule: Annotated[str, typer.Option(help="step (/10 at 50% and 75%), cosine or constant (no decay)")] = "step",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt")] = False,
     subset: Annotated[int | None, typer.Option(help="Train on a class-balanced subset of N images")] = None,
@@ -110,10 +110,10 @@ def train_cmd(
     """Train MODEL with the paper recipe (or fine-tune from --weights); checkpoints every epoch."""
     from edgeres import api
     from edgeres.report import render
-    from edgeres.train import TrainConfig
+    from edgeres.train import SCHEDULES, TrainConfig
 
-    if schedule not in ("step", "cosine"):
-        raise typer.BadParameter("must be step or cosine", param_hint="--schedule")
+    if schedule not in SCHEDULES:
+        raise typer.BadParameter(f"must be one of {', '.join(SCHEDULES)}", param_hint="--schedule")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          schedule=schedule, seed=seed)
     with _library_output_to_stderr():

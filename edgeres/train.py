@@ -32,7 +32,7 @@ from edgeres.errors import CheckpointError, EdgeresError
 from edgeres.io import atomic_write
 from edgeres.progress import info, progress
 
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "constant")
 STEP_POINTS = (0.5, 0.75)  # lr /10 at 32k and 48k of 64k iterations (He et al. 2015, sec. 4.2)
 WEIGHT_DECAY = {"wrn": 5e-4}  # Zagoruyko & Komodakis 2016; every other family uses the ResNet paper's 1e-4
 DEFAULT_WEIGHT_DECAY = 1e-4
@@ -70,7 +70,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float | None = None  # None -> 5e-4 for model.cfg.family == "wrn", else 1e-4
-    schedule: str = "step"  # "step" (/10 at 50% and 75%) | "cosine"
+    schedule: str = "step"  # "step" (/10 at 50% and 75%) | "cosine" | "constant" (no decay)
     warmup_epochs: int = 0
     seed: int = 0
     eval_every: int = 1  # evaluate on the test set every N epochs (and at the end)
@@ -213,6 +213,8 @@ def lr_factor(iteration: int, total: int, *, schedule: str = "step", warmup: int
         return (iteration + 1) / warmup
     if schedule == "step":
         return 0.1 ** sum(iteration >= int(p * total) for p in STEP_POINTS)
+    if schedule == "constant":
+        return 1.0
     progress_ = (iteration - warmup) / max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 

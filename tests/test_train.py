@@ -203,6 +203,7 @@ def test_step_and_cosine_lr_at_known_iterations():
     assert cos == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.0])
     assert lr_factor(0, total, warmup=400) == pytest.approx(1 / 400)
     assert lr_factor(399, total, schedule="cosine", warmup=400) == pytest.approx(1.0)
+    assert [lr_factor(it, total, schedule="constant") for it in (0, 32_000, 63_999)] == [1.0, 1.0, 1.0]
 
     # The real scheduler steps per iteration: 4 epochs of 2 iterations, drops after 4 and 6 steps.
     for schedule, expected in (
