@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeres import data, models
-from edgeres.checkpoint import load_model
+from edgeres.checkpoint import load_model, require_weights
 from edgeres.models.stats import count_macs, count_params
+from edgeres.report import RANDOM_WEIGHTS
 from edgeres.train import EvalResult, evaluate
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ class EvalReport:
 
     def table_rows(self):
         r = self.result
+        if self.weights == RANDOM_WEIGHTS:
+            return (["model", "weights", "top-1 acc %", "top-1 err %", "correct", "total"],
+                    [[self.model, RANDOM_WEIGHTS, "n/a (random weights)", "n/a (random weights)", r.correct,
+                      r.total]])
         return (["model", "top-1 acc %", "top-1 err %", "correct", "total"],
                 [[self.model, r.top1_accuracy, r.top1_error, r.correct, r.total]])
 
@@ -87,15 +92,23 @@ def eval_model(
     batch_size: int = 256,
     num_classes: int | None = None,
     limit: int | None = None,
+    random_init: bool = False,
     **arch,
 ) -> EvalReport:
-    """Top-1 of a PyTorch model (name + weights) on a data split; artifact files go through their runtime."""
+    """Top-1 of a PyTorch model (name + weights) on a data split; artifact files go through their runtime.
+
+    A model without weights is an error unless `random_init` (then the report says its error means nothing).
+    """
     from edgeres.bench import SUFFIX_RUNTIME
 
     if model and Path(model).suffix.lower() in SUFFIX_RUNTIME and weights is None:
         return eval_artifact(model, data_spec=data_spec, split=split, batch_size=batch_size, limit=limit)
-    net = load_model(model, weights, num_classes=num_classes, **arch)
+    net = load_model(model, weights, num_classes=num_classes, new_head=False, **arch)
+    random = require_weights(model, weights, random_init)  # after the name and options are checked
     ds = data.load_dataset(data_spec or net.cfg.dataset, split, image_size=net.cfg.input_size)
+    data.check_classes(ds, net.cfg.num_classes, net.cfg.name,
+                       fix=f"fine-tune it for {ds.num_classes} classes first (edgeres train ... --num-classes "
+                           f"{ds.num_classes}) or pass data with {net.cfg.num_classes} classes")
     if limit:
         ds = data.subset(ds, limit)
     result = evaluate(
@@ -103,7 +116,8 @@ def eval_model(
         total=data.num_batches(ds, batch_size), desc=f"eval {net.cfg.name}",
     )
     name = "synthetic (smoke test, not an accuracy)" if ds.synthetic else ds.name
-    return EvalReport(net.cfg.name, str(weights) if weights else model, name, split, result)
+    return EvalReport(net.cfg.name, RANDOM_WEIGHTS if random else str(weights) if weights else model, name, split,
+                      result)
 
 
 @dataclass(frozen=True)
@@ -139,8 +153,9 @@ def train(
     """Train (or fine-tune from `weights`) a model with the paper recipe."""
     import torch
 
-    from edgeres.train import train_model
+    from edgeres.train import check_run_folder, train_model
 
+    check_run_folder(out)  # a user's own folder is refused before any work
     torch.manual_seed(config.seed)  # reproducible initial weights
     net = load_model(model, weights, num_classes=num_classes, **arch)
     spec = data_spec or net.cfg.dataset
@@ -148,6 +163,10 @@ def train(
     test_ds = data.load_dataset(spec, "test", image_size=net.cfg.input_size)
     if weights is None and num_classes is None and train_ds.num_classes != net.cfg.num_classes:
         net = load_model(model, None, num_classes=train_ds.num_classes, **arch)
+    fix = f"pass --num-classes {train_ds.num_classes} (a new classifier, fine-tuned) or data with " \
+          f"{net.cfg.num_classes} classes"
+    data.check_classes(train_ds, net.cfg.num_classes, net.cfg.name, fix=fix)
+    data.check_classes(test_ds, net.cfg.num_classes, net.cfg.name, fix=fix)
     if subset:
         train_ds = data.subset(train_ds, subset, seed=config.seed)
     result = train_model(net, train_ds, test_ds, config, Path(out), resume=resume)
@@ -223,10 +242,17 @@ def eval_artifact(
     manifest_path = Path(path).parent / "manifest.json"
     if not manifest_path.is_file():
         raise EdgeresError(f"{manifest_path} not found; evaluate artifacts inside their export folder")
-    manifest = json.loads(manifest_path.read_text())
-    pre = manifest["preprocessing"]
-    size = int(manifest["input_shape"][-1])
-    ds = data.load_dataset(data_spec or manifest["model_cfg"]["dataset"], split, image_size=size)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        pre = manifest["preprocessing"]
+        size = int(manifest["input_shape"][-1])
+        model_cfg = manifest["model_cfg"]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise EdgeresError(f"{manifest_path} is not an edgeres export manifest ({exc}); export the model again") \
+            from exc
+    ds = data.load_dataset(data_spec or model_cfg["dataset"], split, image_size=size)
+    data.check_classes(ds, int(model_cfg["num_classes"]), manifest["model"],
+                       fix=f"pass data with {model_cfg['num_classes']} classes")
     if limit:
         ds = data.subset(ds, limit)
     backend = get_backend(artifact.runtime)
@@ -234,4 +260,6 @@ def eval_artifact(
     result = evaluate_session(backend, session, ds, mean=pre["mean"], std=pre["std"], batch_size=batch_size,
                               desc=f"eval {Path(path).name}")
     name = "synthetic (smoke test, not an accuracy)" if ds.synthetic else ds.name
-    return EvalReport(manifest["model"], str(path), name, split, result, runtime=artifact.runtime)
+    random = (manifest.get("weights") or {}).get("source") == RANDOM_WEIGHTS
+    return EvalReport(manifest["model"], RANDOM_WEIGHTS if random else str(path), name, split, result,
+                      runtime=artifact.runtime)

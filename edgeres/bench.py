@@ -157,15 +157,18 @@ def input_shape_of(path: Path) -> list[int]:
     """(C, H, W) from the export folder's manifest.json, or the ONNX graph's input."""
     manifest = path.parent / "manifest.json"
     if manifest.is_file():
-        shape = json.loads(manifest.read_text()).get("input_shape")
-        if shape:
-            return [int(v) for v in shape[-3:]]
+        try:
+            shape = json.loads(manifest.read_text()).get("input_shape")
+            if shape:
+                return [int(v) for v in shape[-3:]]
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise EdgeresError(f"{manifest} is not an edgeres export manifest ({exc}); export again") from exc
     if path.suffix == ".onnx":
-        import onnx
+        from edgeres.check import load_model
 
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        dims = load_model(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
         shape = [d.dim_value for d in dims[1:]]
-        if all(v > 0 for v in shape):
+        if shape and all(v > 0 for v in shape):
             return shape
     raise EdgeresError(f"cannot tell the input shape of {path.name}; keep its manifest.json beside it")
 
@@ -188,7 +191,10 @@ def artifact_from_path(path: str | os.PathLike) -> Artifact:
         from edgeres.backends.tensorrt import engine_meta_path
 
         meta = engine_meta_path(path)
-        precision = json.loads(meta.read_text()).get("precision", "unknown") if meta.is_file() else "unknown"
+        try:
+            precision = json.loads(meta.read_text()).get("precision", "unknown") if meta.is_file() else "unknown"
+        except (ValueError, AttributeError):
+            precision = "unknown"  # a damaged build record: TensorRT itself judges the engine when it loads
     return Artifact(path=path, runtime=runtime, precision=precision)
 
 

@@ -329,7 +329,9 @@ def check_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, target: Targe
     return CheckReport([f for rule in rules for f in rule(g, target)])
 
 
-def load_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def load_model(path_or_model: str | os.PathLike | onnx.ModelProto, *,
+               load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX model in a file; ExportError (one line) for a missing, corrupt, truncated or empty one."""
     import onnx
 
     if isinstance(path_or_model, onnx.ModelProto):
@@ -338,6 +340,11 @@ def load_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.Model
     if not os.path.isfile(path):
         raise ExportError(f"ONNX file {path} not found; export the model first (edgeres export)")
     try:
-        return onnx.load(path)
+        model = onnx.load(path, load_external_data=load_external_data)
     except Exception as exc:  # onnx raises DecodeError / ValueError / OSError for bad files
-        raise ExportError(f"{path} is not a readable ONNX model ({exc}); export it again") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ExportError(f"{path} is not a readable ONNX model ({first}); export it again") from exc
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        # protobuf reads many byte strings (an empty file among them) as a model with no graph
+        raise ExportError(f"{path} is not an ONNX model (no graph inside); export it again")
+    return model

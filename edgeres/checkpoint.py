@@ -84,22 +84,55 @@ def _normalise_keys(sd: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the first tensor (weight, bias or BN statistic) that holds NaN or infinity."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{source}: tensor {key} holds {bad} non-finite value(s) (NaN or inf) of {value.numel()}; "
+                    "the checkpoint is broken: use an earlier one or retrain"
+                )
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read any supported layout; raises CheckpointError with one readable line otherwise."""
+    """Read any supported layout; raises CheckpointError with one readable line otherwise (non-finite too)."""
     path = Path(path)
     obj = _safe_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
-    if obj.get("format") == FORMAT:
-        return Checkpoint(
+    if obj.get("format") == FORMAT and isinstance(obj.get("state_dict"), dict):
+        ckpt = Checkpoint(
             _normalise_keys(obj["state_dict"]), "edgeres", obj.get("model"), obj.get("cfg"), obj.get("pruned"),
             obj.get("extra"),
         )
-    if isinstance(obj.get("state_dict"), dict):
-        return Checkpoint(_normalise_keys(obj["state_dict"]), "research")
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return Checkpoint(_normalise_keys(obj), "state_dict")
-    raise CheckpointError(f"{path} has no state_dict (keys: {', '.join(map(str, list(obj)[:5]))})")
+    elif isinstance(obj.get("state_dict"), dict):
+        ckpt = Checkpoint(_normalise_keys(obj["state_dict"]), "research")
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        ckpt = Checkpoint(_normalise_keys(obj), "state_dict")
+    else:
+        raise CheckpointError(f"{path} has no state_dict (keys: {', '.join(map(str, list(obj)[:5]))})")
+    check_finite(ckpt.state_dict, str(path))
+    return ckpt
+
+
+def require_weights(name: str | None, weights: str | os.PathLike | None, random_init: bool) -> bool:
+    """Whether the model runs on random weights: only when asked (`random_init`), never by omission.
+
+    No --weights and no weights tag is an error naming both ways to give weights; --random-init together
+    with weights is a contradiction.
+    """
+    tagged = name is not None and models.split_name(name)[1] is not None
+    if random_init and (weights is not None or tagged):
+        raise CheckpointError("--random-init contradicts the weights given (--weights or a .tag); pass one of them")
+    if not random_init and weights is None and not tagged:
+        known = ", ".join(f"{b}.{t}" for b, t in PRETRAINED)
+        raise CheckpointError(
+            f"{name or 'the model'} has no weights: pass --weights FILE or a tagged name ({known}), "
+            "or --random-init for latency/memory work (its top-1 error then means nothing)"
+        )
+    return random_init
 
 
 def resolve_weights(name: str) -> Path | None:
@@ -139,6 +172,12 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, 
             f"({len(missing)} missing, {len(unexpected)} unexpected keys); check the model name and options"
         )
     for k, v in sd.items():
+        if k == "fc.weight" and own[k].shape[1:] == v.shape[1:] and own[k].shape[0] != v.shape[0]:
+            raise CheckpointError(
+                f"{source} has {v.shape[0]} classes, the model asked for {own[k].shape[0]}: a new classifier "
+                f"would be untrained here; fine-tune one first (edgeres train {model.cfg.name} --weights ... "
+                f"--num-classes {own[k].shape[0]}) or drop --num-classes"
+            )
         if own[k].shape != v.shape:
             raise CheckpointError(
                 f"{source} does not fit {model.cfg.name}: {k} is {tuple(v.shape)} in the file, "
@@ -152,12 +191,14 @@ def load_model(
     weights: str | os.PathLike | None = None,
     *,
     num_classes: int | None = None,
+    new_head: bool = True,
     **arch,
 ) -> nn.Module:
     """Build `name` and load weights from a file or a weights tag in the name.
 
     An edgeres checkpoint names its own model, preprocessing and pruned shape. `num_classes`
-    different from the checkpoint's replaces the classifier and keeps the rest (transfer learning).
+    different from the checkpoint's replaces the classifier and keeps the rest (transfer learning);
+    with `new_head=False` (evaluation, export: an untrained classifier would be garbage) it is an error.
     """
     ckpt = None
     source = None
@@ -198,7 +239,7 @@ def load_model(
 
         apply_pruned_spec(model, ckpt.pruned)
     if ckpt is not None:
-        _fit_state_dict(model, ckpt.state_dict, source, replace_head=True)
+        _fit_state_dict(model, ckpt.state_dict, source, replace_head=new_head)
     return model
 
 

@@ -38,6 +38,16 @@ ShortcutOpt = Annotated[str | None, typer.Option("--shortcut", help="CIFAR ResNe
                                                  "B (1x1 projection)")]
 InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Input resolution in pixels")]
 DropoutOpt = Annotated[float | None, typer.Option("--dropout", help="WRN dropout between convolutions")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Run without trained weights (latency/memory "
+                                             "work); every row then says its top-1 error means nothing")]
+
+
+def _no_weight_conflict(model: str | None, weights: Path | None, random_init: bool) -> None:
+    """--random-init with weights is a usage conflict (exit 2); the library checks the same for API callers."""
+    tagged = bool(model) and "." in model and "/" not in model
+    if random_init and (weights is not None or tagged):
+        raise typer.BadParameter("--random-init contradicts --weights or a weights tag; pass one of them",
+                                 param_hint="--random-init")
 
 
 @contextlib.contextmanager
@@ -75,22 +85,26 @@ def eval_cmd(
     width: WidthOpt = None,
     shortcut: ShortcutOpt = None,
     input_size: InputSizeOpt = None,
+    random_init: RandomInitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy and error of MODEL (or of an exported model.onnx / model.engine) on the test split."""
     from edgeres import api
     from edgeres.report import render
 
+    _no_weight_conflict(model, weights, random_init)
     with _library_output_to_stderr():
         result = api.eval_model(model, weights=weights, data_spec=data, split=split, batch_size=batch_size,
-                                num_classes=num_classes, limit=limit, **_arch(width, shortcut, input_size, None))
+                                num_classes=num_classes, limit=limit, random_init=random_init,
+                                **_arch(width, shortcut, input_size, None))
     render(result, as_json=as_json)
 
 
 @app.command("train")
 def train_cmd(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pt, best.pt, history.json")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pt, best.pt, history.json (new, empty "
+                                      "or an edgeres run; never a folder of yours)")],
     data: DataOpt = None,
     epochs: Annotated[int, typer.Option(help="Epochs (paper: 164 at batch 128 = 64k iterations)")] = 164,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Per process")] = 128,
@@ -155,13 +169,16 @@ def export_cmd(
     calib_set: Annotated[str, typer.Option(help="Calibration set in calibration/")] = "default",
     weights: WeightsOpt = None,
     data: DataOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Export folder (replaced whole on success)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Export folder: created, or replaced whole on "
+                                             "success if edgeres made it or it is empty; never a folder of "
+                                             "yours")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images (default: all)")] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads for latency (default: all cores)")] = None,
     num_classes: NumClassesOpt = None,
     width: WidthOpt = None,
     shortcut: ShortcutOpt = None,
     input_size: InputSizeOpt = None,
+    random_init: RandomInitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
@@ -169,11 +186,12 @@ def export_cmd(
     from edgeres.pipeline import ExportOptions, export
     from edgeres.report import render
 
+    _no_weight_conflict(model, weights, random_init)
     opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs, prune_lr=prune_lr,
                          distill=distill, train_precision=train_precision, train_device=train_device,
                          qat_epochs=qat_epochs,
                          qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
-                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads))
+                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads), random_init=random_init)
     with _library_output_to_stderr():
         report = export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
                         **_arch(width, shortcut, input_size, None))

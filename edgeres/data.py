@@ -229,7 +229,9 @@ def _is_image_folder(path: Path) -> bool:
 
 def load_image_folder(path: Path, split: str, image_size: int) -> Dataset:
     """`path/{train,val}/<class>/<image>`; every image is resized to image_size x image_size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from edgeres.preprocess import load_rgb
 
     sub = path / ("train" if split == "train" else "val")
     if split != "train" and not sub.is_dir():
@@ -242,12 +244,8 @@ def load_image_folder(path: Path, split: str, image_size: int) -> Dataset:
         for f in sorted((sub / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                    images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"cannot read image {f}: {exc}") from exc
+            im = load_rgb(f).resize((image_size, image_size), Image.BILINEAR)  # DataError naming an undecodable f
+            images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
             labels.append(label)
     if not images:
         raise DataError(f"{sub} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -293,6 +291,16 @@ def load_dataset(spec: str | os.PathLike | None, split: str, *, image_size: int 
     if _is_image_folder(path):
         return load_image_folder(path, split, image_size)
     raise DataError(f"{path} is not a CIFAR folder nor an ImageFolder tree (train/ and val/ with class folders)")
+
+
+def check_classes(ds: Dataset, num_classes: int, model: str, *, fix: str) -> None:
+    """Raise when `ds` has another class count than the model: labels would not mean the model's outputs.
+
+    Synthetic data (labels 0..9) fits any model with at least that many classes. `fix` says what to pass.
+    """
+    if ds.num_classes == num_classes or (ds.synthetic and ds.num_classes <= num_classes):
+        return
+    raise DataError(f"data {ds.name} ({ds.split}) has {ds.num_classes} classes, {model} has {num_classes}; {fix}")
 
 
 # ---------------------------------------------------------------- subsets and batches

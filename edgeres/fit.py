@@ -23,6 +23,7 @@ from torch import nn
 from edgeres import models, targets
 from edgeres.bench import BenchOptions
 from edgeres.errors import EdgeresError
+from edgeres.io import check_output_file
 from edgeres.memory import activation_memory, weight_bytes
 from edgeres.progress import info
 
@@ -495,6 +496,8 @@ def _resolve(opts: FitOptions) -> tuple[Target, str, int, float]:
     for r in opts.prune:
         if not 0.0 < r < 1.0:
             raise EdgeresError(f"--prune ratios must be fractions in (0, 1), got {r}")
+    if opts.plot:
+        check_output_file(opts.plot, option="--plot")
     return target, precision, batch, float(budget)
 
 
@@ -641,6 +644,7 @@ def pareto_plot(report: FitReport, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("\n".join(textwrap.wrap(report.title, 150)), fontsize=8)
+    check_output_file(path, option="--plot")
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": "edgeres"})  # how a rerun knows it is ours
     return path

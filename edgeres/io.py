@@ -1,23 +1,224 @@
-"""Artifacts appear whole or not at all: atomic file and directory writes."""
+"""Artifacts appear whole or not at all, and never over a user's own files.
+
+`atomic_write` / `atomic_dir` write beside the output under a temp name that says edgeres made it and which
+process (`.NAME.edgeres-PID-XXXX.tmp`), then rename. `check_output_dir` / `check_output_file` are the one rule
+for every output a command is given: a folder is replaced (or filled) only when it is empty or edgeres made it
+(its `.edgeres` marker, or an export's manifest.json), a file only when edgeres wrote it; anything else is an
+error naming the path and the way out, before any work and with nothing touched. Temp files and folders left
+beside an output by a process that was killed (SIGKILL cannot be caught) are removed by the next write there,
+or reported while their process still runs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgeres.errors import EdgeresError
 
+log = logging.getLogger("edgeres")
+MARKER = ".edgeres"  # JSON inside every folder edgeres made: {"made_by": "edgeres", "kind": ...}
+TEMP_TAG = "edgeres"
+_EXPORT_FORMAT = "edgeres-export/"
+
+
+class OutputError(EdgeresError):
+    """An output location edgeres may not write: a user's own folder or file, or an unwritable place."""
+
 
 def _disk_error(path: Path, exc: OSError) -> EdgeresError:
     if exc.errno == errno.ENOSPC:
-        return EdgeresError(f"no space left on the device writing {path}; free some space and retry")
-    return EdgeresError(f"cannot write {path}: {exc.strerror or exc}")
+        return OutputError(f"no space left on the device writing {path}; free some space and retry")
+    if exc.errno == errno.EROFS:
+        return OutputError(f"cannot write {path}: read-only file system; pass another --out")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}; pass another location")
+
+
+# ---------------------------------------------------------------- what edgeres made
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """Mark `folder` as made by edgeres (an export, a training run), so a later run may replace or fill it."""
+    (Path(folder) / MARKER).write_text(json.dumps({"made_by": "edgeres", "kind": kind}) + "\n")
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def made_by_edgeres(folder: str | os.PathLike) -> bool:
+    """True for a folder holding edgeres's marker, or an export folder's manifest (folders made before markers)."""
+    folder = Path(folder)
+    marker = _json(folder / MARKER)
+    if isinstance(marker, dict) and marker.get("made_by") == "edgeres":
+        return True
+    manifest = _json(folder / "manifest.json")
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(_EXPORT_FORMAT)
+
+
+def file_made_by_edgeres(path: str | os.PathLike) -> bool:
+    """True for a file edgeres wrote and can recognise: a PNG whose Software text is edgeres, an edgeres JSON."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return str(getattr(im, "text", {}).get("Software", "")).startswith("edgeres")
+        except Exception:  # noqa: BLE001  (not a readable PNG: not ours)
+            return False
+    doc = _json(path) if path.suffix.lower() == ".json" else None
+    return isinstance(doc, dict) and str(doc.get("format", "")).startswith("edgeres")
+
+
+# ---------------------------------------------------------------- the rule for output locations
+
+
+def _sample(folder: Path, n: int = 3) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _refuse_special(path: Path, option: str) -> None:
+    resolved = path.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if resolved == Path(resolved.anchor):
+        raise OutputError(f"{option} {path} is the file-system root; pass a new folder")
+    if cwd == resolved or resolved in cwd.parents:
+        raise OutputError(f"{option} {path} is the working folder (or holds it); pass a new folder, e.g. "
+                          f"{option} out/NAME")
+    if home == resolved or resolved in home.parents:
+        raise OutputError(f"{option} {path} is the home folder (or holds it); pass a new folder")
+
+
+def _probe_writable(path: Path, option: str) -> None:
+    """Create and remove a temp folder where `path` will go: the only honest test (root ignores mode bits)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; pass another location")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{path.name}.{TEMP_TAG}-{os.getpid()}-", suffix=".tmp", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        reason = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
+        raise OutputError(f"{option} {path}: cannot write in {parent} ({reason}); pass another location") from exc
+
+
+def check_output_dir(path: str | os.PathLike, *, option: str = "--out",
+                     ours: Callable[[Path], bool] | None = None) -> Path:
+    """`path` if edgeres may create, replace or fill that folder; else OutputError naming it and the way out.
+
+    Allowed: a new path, an empty folder, a folder edgeres made (`made_by_edgeres`, or `ours(path)` for a
+    command's own older records). Refused: a file, a symlink, a folder with anyone else's files, the working
+    or home folder or the root, a place that cannot be written. Nothing is touched either way.
+    """
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link; pass the folder itself or a new one")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a folder; pass another {option} "
+                          "(edgeres never replaces a file with a folder)")
+    _refuse_special(path, option)
+    if path.is_dir():
+        try:
+            empty = not any(path.iterdir())
+        except OSError as exc:
+            raise OutputError(f"{option} {path} cannot be read ({exc.strerror}); pass another {option}") from exc
+        if not empty and not made_by_edgeres(path) and not (ours and ours(path)):
+            raise OutputError(f"{option} {path} holds files edgeres did not make ({_sample(path)}); pass another "
+                              f"{option}, or remove the folder yourself")
+    _probe_writable(path, option)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, *, option: str = "--out") -> Path:
+    """`path` if edgeres may create or replace that file (a new path, or a file edgeres wrote); else OutputError."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link; pass the file itself or a new one")
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; pass a file path")
+    if path.exists() and not file_made_by_edgeres(path):
+        raise OutputError(f"{option} {path} exists and edgeres did not write it; pass another {option}, "
+                          "or remove the file yourself")
+    _probe_writable(path, option)
+    return path
+
+
+# ---------------------------------------------------------------- temp names and what killed runs left
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{TEMP_TAG}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders a killed edgeres process left beside `path`; report live ones.
+
+    A replaced folder parked as `.NAME.edgeres-PID-old` goes back to `path` if `path` is missing (the process
+    died between the two renames). Returns what was removed or restored.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{TEMP_TAG}-(\d+)-.+")
+    done: list[Path] = []
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return done
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        pid = int(m.group(1))
+        if _pid_alive(pid):
+            log.warning("%s was left by edgeres process %d, which is still running; it is left alone", entry, pid)
+            continue
+        try:
+            if entry.name.endswith("-old") and entry.is_dir() and not path.exists():
+                os.replace(entry, path)
+                log.warning("restored %s from %s (a replacement was interrupted)", path, entry.name)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+                log.warning("removed %s, left by an edgeres process (%d) that was killed", entry, pid)
+            else:
+                entry.unlink()
+                log.warning("removed %s, left by an edgeres process (%d) that was killed", entry, pid)
+            done.append(entry)
+        except OSError as exc:
+            log.warning("could not remove %s (left by a killed edgeres process): %s", entry, exc.strerror)
+    return done
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _disk_error(path, exc) from exc
 
 
 @contextlib.contextmanager
@@ -27,12 +228,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     On any failure (including KeyboardInterrupt) the temp file is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _make_parent(path)
+    sweep_stale(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _disk_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts follow the umask like any file
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts follow the umask like any file
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             f.flush()
@@ -47,20 +252,28 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Path]:
     """Yield a fresh temp directory beside `path`; on success it replaces `path` whole.
 
-    A failure or Ctrl-C leaves any previous `path` exactly as it was.
+    `path` must pass `check_output_dir` (checked again here, so a folder that appeared meanwhile is safe too).
+    The new folder carries edgeres's marker. A failure or Ctrl-C leaves any previous `path` exactly as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    check_output_dir(path)
+    _make_parent(path)
+    sweep_stale(path)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise _disk_error(path, exc) from exc
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
+        write_marker(tmp, kind)
+        check_output_dir(path)  # still empty or ours after the work
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f"{_temp_prefix(path.name)}old")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

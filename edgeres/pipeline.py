@@ -21,13 +21,13 @@ from edgeres import data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, host_text, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
-from edgeres.checkpoint import load_model
+from edgeres.checkpoint import load_model, require_weights
 from edgeres.errors import EdgeresError
 from edgeres.hostcpu import describe, has_native_bf16
-from edgeres.io import atomic_dir, atomic_write, sha256sum
+from edgeres.io import atomic_dir, atomic_write, check_output_dir, sha256sum
 from edgeres.models.stats import count_macs, count_params
 from edgeres.progress import info
-from edgeres.report import ExportReport, VariantRow
+from edgeres.report import RANDOM_WEIGHTS, ExportReport, VariantRow
 
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -53,6 +53,7 @@ class ExportOptions:
     eval_limit: int | None = None  # None: the full test split (what the report is for)
     bench: BenchOptions = field(default_factory=lambda: BenchOptions(batch_sizes=(1, 64), warmup=10, runs=100))
     seed: int = 0
+    random_init: bool = False  # export untrained weights (latency/memory work); every row says so
 
 
 def _versions() -> dict:
@@ -126,8 +127,9 @@ class _Measure:
     is left unmeasured.
     """
 
-    def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions) -> None:
+    def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions, weights: str) -> None:
         self.target, self.test_ds, self.mean, self.std, self.opts = target, test_ds, mean, std, opts
+        self.weights = weights
         self.baseline_error: float | None = None
         self.runs_here = target.runtime != "tensorrt"
         self.backend = get_backend(target.runtime if self.runs_here else "onnxruntime")
@@ -159,7 +161,7 @@ class _Measure:
             top1_accuracy=result.top1_accuracy, eval_images=result.total, file=artifact.path.name,
             latency_source=f"measured ({artifact.runtime}, this machine)" if self.runs_here
             else f"not measured: build and bench on the {self.target.name} device",
-            model=model.cfg.name,
+            model=model.cfg.name, weights=self.weights,
         )
 
 
@@ -297,17 +299,27 @@ def export(
 
     opts = options
     target, precision = _check_options(opts)
-    net = load_model(model_name, weights, num_classes=num_classes, **arch).eval()
+    net = load_model(model_name, weights, num_classes=num_classes, new_head=False, **arch).eval()
+    random = require_weights(model_name, weights, opts.random_init)  # after the name and options are checked
     cfg = net.cfg
+    source = RANDOM_WEIGHTS if random else str(weights) if weights is not None else str(model_name)
+    out = check_output_dir(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
     spec = data_spec or cfg.dataset
     test_ds = data.load_dataset(spec, "test", image_size=cfg.input_size)
+    fix = (f"fine-tune it for {test_ds.num_classes} classes first (edgeres train ... --num-classes "
+           f"{test_ds.num_classes}) or pass data with {cfg.num_classes} classes")
+    data.check_classes(test_ds, cfg.num_classes, cfg.name, fix=fix)
     if opts.eval_limit:
         test_ds = data.subset(test_ds, opts.eval_limit, seed=opts.seed)
     needs_train = opts.int8 or (opts.prune is not None and opts.prune_epochs > 0)
     train_ds = data.load_dataset(spec, "train", image_size=cfg.input_size) if needs_train else None
+    if train_ds is not None:
+        data.check_classes(train_ds, cfg.num_classes, cfg.name, fix=fix)
     example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
-    out = Path(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
     notes: list[str] = []
+    if random:
+        notes.append("random weights (--random-init): every top-1 error figure here means nothing; "
+                     "size and latency are real")
     if test_ds.synthetic:
         notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
     if precision == "fp16":
@@ -322,7 +334,7 @@ def export(
         notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
 
     with atomic_dir(out) as tmp:
-        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
+        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source)
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
         rows = [measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0)]
@@ -354,6 +366,7 @@ def export(
         final = rows[-1]
         manifest = _manifest(tmp, deployed, target, precision, {
             "classes": test_ds.classes, "data": test_ds.name, **extras,
+            "weights": {"source": source, "random": random},
             "pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
             "quantization": quant_info, "bn_fold": fold_info,
             "validation": {"top1_error": final.top1_error, "top1_accuracy": final.top1_accuracy,

@@ -68,6 +68,9 @@ def render(result: Tabular, *, as_json: bool = False, notes: list[str] | None = 
         console.print(note, style="dim", highlight=False)
 
 
+RANDOM_WEIGHTS = "random-init"  # a model run without trained weights (--random-init): its error means nothing
+
+
 @dataclass(frozen=True)
 class VariantRow:
     """One exported variant, measured the same way as every other row of the report."""
@@ -89,6 +92,7 @@ class VariantRow:
     file: str
     latency_source: str = "measured"
     model: str = ""
+    weights: str | None = None  # the weights' source; RANDOM_WEIGHTS: top-1 figures mean nothing
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,8 +103,11 @@ ROW_COLUMNS = ["variant", "target", "precision", "pruned", "params", "MACs", "si
 
 
 def _row_cells(r: VariantRow) -> list:
-    return [r.variant, r.target, r.precision, f"{r.pruned:.0%}" if r.pruned else "-", r.params, r.macs,
-            r.size_mb, r.latency_ms_p50, r.throughput_ips, r.top1_error, r.top1_error_delta]
+    random = r.weights == RANDOM_WEIGHTS
+    err, delta = ("n/a (random weights)", "n/a") if random else (r.top1_error, r.top1_error_delta)
+    variant = f"{r.variant} [random weights]" if random else r.variant
+    return [variant, r.target, r.precision, f"{r.pruned:.0%}" if r.pruned else "-", r.params, r.macs,
+            r.size_mb, r.latency_ms_p50, r.throughput_ips, err, delta]
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,7 @@ def combine(dirs: list[str | Path]) -> CombinedReport:
                 if key not in seen:
                     seen.add(key)
                     rows.append(row)
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8
             raise EdgeresError(f"{path} is not an edgeres report ({exc})") from exc
     rows.sort(key=lambda r: (r.model, r.target, r.pruned, _PRECISION_ORDER.get(r.precision, 9), r.variant))
     return CombinedReport(rows, [str(d) for d in dirs])

@@ -29,7 +29,7 @@ from torch import nn
 from edgeres.checkpoint import checkpoint_dict, save_checkpoint
 from edgeres.data import Dataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
-from edgeres.io import atomic_write
+from edgeres.io import atomic_write, check_output_dir, made_by_edgeres, write_marker
 from edgeres.progress import info, progress
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -431,6 +431,23 @@ class _Run:
         return self.out_dir / "last.pt"
 
 
+def is_run_folder(path: Path) -> bool:
+    """A training run folder: edgeres's marker, or (runs made before markers) last.pt beside an epoch history."""
+    if made_by_edgeres(path):
+        return True
+    try:
+        history = json.loads((Path(path) / "history.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (Path(path) / "last.pt").is_file() and isinstance(history, list) and all(
+        isinstance(e, dict) and "epoch" in e and "train_loss" in e for e in history)
+
+
+def check_run_folder(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` if a run may be written there (new, empty or a run folder); else one error naming the way out."""
+    return check_output_dir(out_dir, ours=is_run_folder)
+
+
 def train_model(
     model: nn.Module,
     train_ds: Dataset,
@@ -450,7 +467,7 @@ def train_model(
     _check_config(cfg)
     if len(train_ds) == 0 or len(test_ds) == 0:
         raise EdgeresError("the training and test data must not be empty; check --data")
-    out_dir = Path(out_dir)
+    out_dir = check_run_folder(out_dir)
     if not resume and (out_dir / "last.pt").exists():
         raise EdgeresError(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
@@ -472,6 +489,13 @@ def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, run: _Run, res
     state = _read_state(run.last) if resume else None
     if state is not None:
         _check_resumable(state, run.last, model, run.pruned, run.saved_cfg, run.data, world)
+    if rank == 0 and not made_by_edgeres(run.out_dir):
+        try:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(run.out_dir, "train-run")  # so a later run may fill or resume it, never a user's folder
+        except OSError as exc:
+            raise EdgeresError(f"cannot write {run.out_dir}: {exc.strerror}; pass another --out") from exc
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         if state["epoch"] >= cfg.epochs:  # already complete: nothing to train
             history = list(state["history"])

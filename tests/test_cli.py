@@ -79,7 +79,7 @@ def test_corrupt_checkpoint_is_one_line(monkeypatch, capsys, tmp_path):
 def test_missing_data_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("EDGERES_DATA", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    code, cap = _main_exit(monkeypatch, capsys, "eval", "resnet20", "--data", "cifar10")
+    code, cap = _main_exit(monkeypatch, capsys, "eval", "resnet20", "--data", "cifar10", "--random-init")
     assert code == 1 and "EDGERES_DATA" in cap.err and "Traceback" not in cap.err
 
 
@@ -117,7 +117,8 @@ def test_sigterm_leaves_no_partial_output(tmp_path):
     out = tmp_path / "exp"
     env = {**os.environ, "EDGERES_QUIET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "export", "resnet20", "--data", "synthetic",
-                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--random-init", "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".exp.") for p in tmp_path.iterdir()):
         time.sleep(0.05)

@@ -12,7 +12,7 @@ REQUIRED = {"variant", "target", "precision", "pruned", "params", "macs", "size_
 
 
 def _opts(**kw):
-    return pipeline.ExportOptions(calib_size=32, eval_limit=64, bench=FAST, **kw)
+    return pipeline.ExportOptions(calib_size=32, eval_limit=64, bench=FAST, random_init=True, **kw)
 
 
 @pytest.fixture(scope="module")

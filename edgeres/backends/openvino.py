@@ -85,9 +85,25 @@ def precision_of(model) -> str:
     return "int8" if consts.get("i8", 0) + consts.get("u8", 0) > consts.get("f32", 0) else "fp32"
 
 
+def read_ir(xml: str | os.PathLike):
+    """The IR at `xml` (with its .bin); ExportError (one line) for a missing .bin or a corrupt or foreign file."""
+    xml = Path(xml)
+    if not bin_path(xml).is_file():
+        raise ExportError(f"{bin_path(xml).name} is missing beside {xml.name}; copy the .xml and .bin together")
+    try:  # the weights path pins the IR reader, so no other frontend guesses at a foreign file
+        return import_openvino().Core().read_model(str(xml), str(bin_path(xml)))
+    except RuntimeError as exc:
+        raise ExportError(f"{xml} is not a readable OpenVINO IR ({_first_reason(exc)}); export it again") from exc
+
+
+def _first_reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
 def ir_precision(xml: str | os.PathLike) -> str:
     """`precision_of` for an IR on disk (for `edgeres bench model.xml` without a manifest)."""
-    return precision_of(import_openvino().Core().read_model(str(xml)))
+    return precision_of(read_ir(xml))
 
 
 def _rt(op, key: str) -> str:
@@ -210,7 +226,10 @@ class OpenVINOBackend:
         xml = Path(artifact.path)
         if not bin_path(xml).is_file():
             raise ExportError(f"{bin_path(xml).name} is missing beside {xml.name}; copy the .xml and .bin together")
-        compiled = self.core.compile_model(str(xml), DEVICE, compile_config(options))
+        try:
+            compiled = self.core.compile_model(read_ir(xml), DEVICE, compile_config(options))
+        except RuntimeError as exc:
+            raise ExportError(f"OpenVINO cannot compile {xml} ({_first_reason(exc)}); export it again") from exc
         return OpenVINOSession(compiled, compiled.create_infer_request(), describe_precision(compiled))
 
     def run(self, session: OpenVINOSession, batch: np.ndarray) -> np.ndarray:

@@ -41,13 +41,12 @@ def _session_options(options: RuntimeOptions | None, optimized_path: Path | None
 
 def _model_for_host(onnx_path: Path) -> str | bytes:
     """The file as is, or on AMX CPUs with wide convs routed to ORT's AMX kernels (export.amx_conv_weights)."""
-    import onnx
-
+    from edgeres.check import load_model
     from edgeres.export import amx_conv_weights
 
     if not has_amx_int8():
         return str(onnx_path)
-    model, changed = amx_conv_weights(onnx.load(str(onnx_path)))
+    model, changed = amx_conv_weights(load_model(onnx_path))
     return model.SerializeToString() if changed else str(onnx_path)
 
 
@@ -55,7 +54,9 @@ def precision_of(onnx_path: Path) -> str:
     """"int8" when the graph holds QuantizeLinear/DequantizeLinear, "fp16" for FP16 weights, else "fp32"."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    from edgeres.check import load_model
+
+    model = load_model(onnx_path, load_external_data=False)  # one-line error for a corrupt or empty file
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -101,7 +102,12 @@ class OrtBackend:
 
         if options is not None and options.device not in (None, "cpu"):
             raise ExportError(f"the onnxruntime backend runs on the CPU only, got device {options.device!r}")
-        return ort.InferenceSession(_model_for_host(artifact.path), _session_options(options), providers=PROVIDERS)
+        model = _model_for_host(artifact.path)
+        try:
+            return ort.InferenceSession(model, _session_options(options), providers=PROVIDERS)
+        except Exception as exc:  # noqa: BLE001  (ORT raises its own types: InvalidProtobuf, InvalidGraph, Fail...)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ExportError(f"ONNX Runtime cannot load {artifact.path} ({first}); export it again") from exc
 
     def run(self, session, batch: np.ndarray) -> np.ndarray:
         name = session.get_inputs()[0].name

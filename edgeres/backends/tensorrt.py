@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeres.errors import EdgeresError, ExportError, TargetError
-from edgeres.io import atomic_write, sha256sum
+from edgeres.io import atomic_write, made_by_edgeres, sha256sum
 from edgeres.targets import Target, parse_version
 
 if TYPE_CHECKING:
@@ -571,8 +571,17 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
     if not settings_path.is_file():
         raise EdgeresError(f"{bundle} has no {BUILD_SETTINGS}; "
                            "export it with `edgeres export --target jetson` first")
-    settings = json.loads(settings_path.read_text())
-    target = targets.load(settings["target"])
+    if not made_by_edgeres(bundle):
+        raise EdgeresError(f"{bundle} is not an export folder edgeres made (no manifest.json); "
+                           "export it with `edgeres export --target jetson-...`")
+    try:
+        settings = json.loads(settings_path.read_text())
+        target = targets.load(settings["target"])
+        for key in ("onnx", "precision"):
+            settings[key]  # noqa: B018  (present, or the record is damaged)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EdgeresError(f"{settings_path} is damaged ({type(exc).__name__}: {exc}); export the bundle again") \
+            from exc
     if dla_core is None:
         onnx, engine, cache = bundle / settings["onnx"], bundle / ENGINE_NAME, None
     else:
