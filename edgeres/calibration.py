@@ -16,7 +16,8 @@ import torch
 from edgeres.data import Dataset, batches, subset
 from edgeres.errors import EdgeresError
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
+# calibration/ at the repository top; edgeres/_data/calibration links to it in a checkout, a wheel holds a copy
+CALIBRATION_DIR = Path(__file__).resolve().parent / "_data" / "calibration"
 PREPROCESSING = ("eval",)
 
 
@@ -50,7 +51,7 @@ def load_calibration(name: str = "default", *, size: int | None = None) -> Calib
         raise EdgeresError(f"calibration set {name!r} not found; known: {', '.join(list_calibrations())}")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise EdgeresError(f"{path}: invalid TOML ({exc})") from exc
     fields = set(CalibrationSpec.__dataclass_fields__)
     unknown = set(raw) - fields

@@ -214,11 +214,28 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
     return done
 
 
-def _make_parent(path: Path) -> None:
+def _make_parent(path: Path) -> list[Path]:
+    """Create the missing folders above `path`; returns them, innermost first, for `_remove_made`."""
+    made = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_made(made)
         raise _disk_error(path, exc) from exc
+    return made
+
+
+def _remove_made(folders: list[Path]) -> None:
+    """Remove folders `_make_parent` created, if still empty: a failed write leaves no empty folders behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
@@ -246,9 +263,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise _disk_error(path, exc) from exc
+    except Exception as exc:
+        full = _out_of_space(tmp_path.parent)  # writers such as torch.save report a full disk as RuntimeError
+        tmp_path.unlink(missing_ok=True)
+        if full:
+            raise _disk_error(path, OSError(errno.ENOSPC, "No space left on device")) from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _out_of_space(folder: Path, slack: int = 64 * 1024) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < slack
 
 
 @contextlib.contextmanager
@@ -260,11 +291,12 @@ def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Pat
     """
     path = Path(path)
     check_output_dir(path)
-    _make_parent(path)
+    made = _make_parent(path)
     sweep_stale(path)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     except OSError as exc:
+        _remove_made(made)
         raise _disk_error(path, exc) from exc
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -280,9 +312,11 @@ def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Pat
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise _disk_error(path, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
 
 

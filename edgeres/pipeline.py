@@ -225,6 +225,8 @@ def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
     if not opts.int8 and opts.qat_epochs:
         raise EdgeresError("--qat-epochs needs --int8")
     _bf16_training(opts)  # rejects an unknown --train-precision or --train-device before any work
+    if opts.int8:
+        load_calibration(opts.calib, size=opts.calib_size)  # an unknown set or bad --calib fails before any work
     return target, precision
 
 
@@ -317,11 +319,11 @@ def export(
         data.check_classes(train_ds, cfg.num_classes, cfg.name, fix=fix)
     example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
     notes: list[str] = []
+    if test_ds.synthetic:
+        notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
     if random:
         notes.append("random weights (--random-init): every top-1 error figure here means nothing; "
                      "size and latency are real")
-    if test_ds.synthetic:
-        notes.append("synthetic data: the top-1 figures are a smoke test, not an accuracy")
     if precision == "fp16":
         notes.append("fp16: top-1 is that of the FP32 ONNX through ONNX Runtime; the device builds it as FP16")
     host = None

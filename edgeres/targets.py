@@ -116,11 +116,14 @@ class Target:
 
 
 def targets_dir() -> Path:
-    """`EDGERES_TARGETS` if set, else `targets/` at the repository root."""
+    """`EDGERES_TARGETS` if set, else the shipped profiles: `targets/` at the repository root.
+
+    edgeres/_data/targets is a link to it in a checkout (editable install) and a copy inside a wheel.
+    """
     env = os.environ.get(TARGETS_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "targets"
+    return Path(__file__).resolve().parent / "_data" / "targets"
 
 
 def _profile_paths() -> list[Path]:
@@ -224,6 +227,8 @@ def load_file(path: str | os.PathLike) -> Target:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise TargetError(f"cannot read target file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TargetError(f"{path} is not a text (TOML) target profile ({exc.reason})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TargetError(f"{path}: invalid TOML: {exc}") from exc
     r = _Reader(data, path)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ from torch import nn
 from edgeres.checkpoint import checkpoint_dict, save_checkpoint
 from edgeres.data import Dataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
-from edgeres.io import atomic_write, check_output_dir, made_by_edgeres, write_marker
+from edgeres.io import MARKER, atomic_write, check_output_dir, made_by_edgeres, write_marker
 from edgeres.progress import info, progress
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -477,11 +478,23 @@ def train_model(
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(model)
     run = _Run(cfg, replace(cfg, weight_decay=wd).to_dict(), device, rank, world, out_dir,
                getattr(model, "edgeres_pruned", None), dict(extra_checkpoint or {}), data_fingerprint(train_ds))
+    created = not out_dir.exists()
     try:
         return _train(model, train_ds, test_ds, run, resume)
+    except BaseException:
+        if created and rank == 0:
+            _remove_if_empty_run(out_dir)
+        raise
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _remove_if_empty_run(out_dir: Path) -> None:
+    """A run folder this call created and that holds nothing but its marker goes again: no debris on failure."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in out_dir.iterdir()} <= {MARKER}:
+            shutil.rmtree(out_dir)
 
 
 def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, run: _Run, resume: bool) -> TrainResult:

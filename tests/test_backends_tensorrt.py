@@ -256,6 +256,7 @@ def bundle(tmp_path, monkeypatch):
     settings = {"target": "jetson-orin-nano", "precision": "int8", "onnx": "model.onnx", "onnx_noqdq": None,
                 "calibration_cache": None, "workspace_mb": 2048}
     (tmp_path / "build.json").write_text(json.dumps(settings))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "edgeres-export/1"}))  # edgeres made it
     builds = []
 
     def fake_build(onnx_path, out, target, **kw):

@@ -100,7 +100,7 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch):
         train_model(_model("wrn-10-1", dropout=0.3), train_ds, test_ds, cfg, tmp_path / "cut")
     monkeypatch.setattr(train, "batches", real_batches)
     assert _load_state(tmp_path / "cut" / "last.pt")["epoch"] == 1
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["best.pt", "history.json", "last.pt"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [".edgeres", "best.pt", "history.json", "last.pt"]
 
     resumed = _model("wrn-10-1", seed=123, dropout=0.3)  # a new process: other initial weights
     result = train_model(resumed, train_ds, test_ds, cfg, tmp_path / "cut", resume=True)
