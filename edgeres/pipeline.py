@@ -346,7 +346,7 @@ def export(
             work, prune_info = _prune_stage(net, train_ds, opts, example)
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
             rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
-            _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=weights)
+            _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=source)
         deployed, fold_info = _fold_stage(work, example)
         if fold_info["unfoldable"]:  # pre-activation BNs: no conv before them to fold into
             fold_info["unfoldable_run_as"] = "int8 depthwise 1x1 conv" if opts.int8 else "fp32 BatchNormalization"
