@@ -230,36 +230,110 @@ def eval_artifact(
 ) -> EvalReport:
     """Top-1 of a compiled artifact (model.onnx, model.engine, IR .xml) through its own runtime.
 
-    Preprocessing comes from the export folder's manifest.json, so it matches what was exported.
+    Preprocessing, class names and the default data set come from the artifact's own metadata, so a
+    model.onnx copied away from its export folder gives the figure the export reported.
     """
-    import json
-
+    from edgeres import artifact_meta
     from edgeres.backends.base import get_backend
     from edgeres.bench import artifact_from_path, evaluate_session
-    from edgeres.errors import EdgeresError
+    from edgeres.errors import DataError
 
     artifact = artifact_from_path(path)
-    manifest_path = Path(path).parent / "manifest.json"
-    if not manifest_path.is_file():
-        raise EdgeresError(f"{manifest_path} not found; evaluate artifacts inside their export folder")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        pre = manifest["preprocessing"]
-        size = int(manifest["input_shape"][-1])
-        model_cfg = manifest["model_cfg"]
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise EdgeresError(f"{manifest_path} is not an edgeres export manifest ({exc}); export the model again") \
-            from exc
-    ds = data.load_dataset(data_spec or model_cfg["dataset"], split, image_size=size)
-    data.check_classes(ds, int(model_cfg["num_classes"]), manifest["model"],
-                       fix=f"pass data with {model_cfg['num_classes']} classes")
+    meta = artifact_meta.read(path)
+    pp = meta.preprocess
+    spec = data_spec or meta.dataset
+    if spec is None:
+        raise DataError(f"{Path(path).name} does not name its data set; pass --data")
+    ds = data.load_dataset(spec, split, image_size=pp.input_size)
+    data.check_classes(ds, meta.num_classes, Path(path).name, fix=f"pass data with {meta.num_classes} classes")
+    if not ds.synthetic and meta.classes is not None and list(meta.classes) != list(ds.classes):
+        raise DataError(f"the classes of {ds.name} ({', '.join(ds.classes[:4])}, ...) are not those of "
+                        f"{Path(path).name} ({', '.join(meta.classes[:4])}, ...) in order; pass the data set it "
+                        "was trained for")
     if limit:
         ds = data.subset(ds, limit)
     backend = get_backend(artifact.runtime)
     session = backend.load(artifact)
-    result = evaluate_session(backend, session, ds, mean=pre["mean"], std=pre["std"], batch_size=batch_size,
+    result = evaluate_session(backend, session, ds, mean=pp.mean, std=pp.std, batch_size=batch_size,
                               desc=f"eval {Path(path).name}")
     name = "synthetic (smoke test, not an accuracy)" if ds.synthetic else ds.name
-    random = (manifest.get("weights") or {}).get("source") == RANDOM_WEIGHTS
-    return EvalReport(manifest["model"], RANDOM_WEIGHTS if random else str(path), name, split, result,
+    random = bool(meta.weights.get("random_init"))
+    return EvalReport(meta.model, RANDOM_WEIGHTS if random else str(path), name, split, result,
                       runtime=artifact.runtime)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top-k classes: (output index, class name, probability), most probable first."""
+
+    image: str
+    top: list[tuple[int, str, float]]
+
+    def to_dict(self) -> dict:
+        return {"image": self.image,
+                "top": [{"index": i, "class": c, "probability": p} for i, c, p in self.top]}
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    artifact: str
+    runtime: str
+    precision: str
+    model: str
+    predictions: list[Prediction]
+
+    @property
+    def title(self) -> str:
+        return f"{Path(self.artifact).name} ({self.model}, {self.runtime} {self.precision})"
+
+    def to_dict(self) -> dict:
+        return {"artifact": self.artifact, "runtime": self.runtime, "precision": self.precision, "model": self.model,
+                "predictions": [p.to_dict() for p in self.predictions]}
+
+    def table_rows(self):
+        rows = [[p.image if rank == 1 else "", rank, name, index, f"{prob:.4f}"]
+                for p in self.predictions for rank, (index, name, prob) in enumerate(p.top, 1)]
+        return ["image", "rank", "class", "index", "probability"], rows
+
+
+def softmax(logits):
+    """Probabilities from one row of logits, in float64 (what `predict` and its consumers print)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def predict(path: str | os.PathLike, images: list[str | os.PathLike], *, top_k: int = 5) -> PredictReport:
+    """Top-k class names with probabilities for each image, through the artifact's own runtime.
+
+    Each image is prepared by edgeres.preprocess from the artifact's own metadata and run alone (batch 1).
+    """
+    import numpy as np
+
+    from edgeres import artifact_meta
+    from edgeres.backends.base import get_backend
+    from edgeres.bench import artifact_from_path
+    from edgeres.errors import EdgeresError
+    from edgeres.preprocess import eval_array
+
+    if top_k < 1:
+        raise EdgeresError(f"--top must be >= 1, got {top_k}")
+    if not images:
+        raise EdgeresError("no images given; pass one or more image files")
+    artifact = artifact_from_path(path)
+    meta = artifact_meta.read(path)
+    arrays = [eval_array(Path(img), meta.preprocess) for img in images]  # every image decodes before any run
+    backend = get_backend(artifact.runtime)
+    session = backend.load(artifact)
+    predictions = []
+    for img, x in zip(images, arrays, strict=True):
+        logits = np.asarray(backend.run(session, x[None]))[0]
+        if logits.shape != (meta.num_classes,):
+            raise EdgeresError(f"{Path(path).name} gave {logits.shape} outputs, its metadata says "
+                               f"{meta.num_classes} classes; re-export it")
+        probs = softmax(logits)
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        predictions.append(Prediction(str(img), [(int(i), meta.class_name(int(i)), float(probs[i])) for i in order]))
+    return PredictReport(str(path), artifact.runtime, artifact.precision, meta.model, predictions)

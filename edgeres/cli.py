@@ -88,7 +88,7 @@ def eval_cmd(
     random_init: RandomInitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1 accuracy and error of MODEL (or of an exported model.onnx / model.engine) on the test split."""
+    """Top-1 accuracy and error of MODEL, or of an artifact (model.onnx, model.xml, model.engine) on its own."""
     from edgeres import api
     from edgeres.report import render
 
@@ -213,6 +213,22 @@ def bench_cmd(
 
     with _library_output_to_stderr():
         result = bench_path(artifact, BenchOptions(_batch_sizes(batch), warmup, runs, threads))
+    render(result, as_json=as_json)
+
+
+@app.command("predict")
+def predict_cmd(
+    artifact: Annotated[Path, typer.Argument(help="model.onnx, OpenVINO model.xml, or model.engine (on the device)")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads)")],
+    top: Annotated[int, typer.Option("--top", "-k", help="Classes per image")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-5 class names with probabilities for each IMAGE, prepared as ARTIFACT's own metadata says."""
+    from edgeres import api
+    from edgeres.report import render
+
+    with _library_output_to_stderr():
+        result = api.predict(artifact, images, top_k=top)
     render(result, as_json=as_json)
 
 

@@ -13,11 +13,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from edgeres import artifact_meta
+from edgeres.artifact_meta import ArtifactMeta
 from edgeres.backends import tensorrt as trt_backend
 from edgeres.errors import ExportError, TargetError
 from edgeres.io import atomic_write
 from edgeres.targets import Target, parse_version
 
+RUNNER = "trt_run.py"                    # stand-alone runner (edgeres/backends/trt_run.py, copied verbatim)
+GOLDEN = "golden.npz"                    # inputs + ONNX Runtime logits for the runner's --self-check
+ONNX_NAME = "model.onnx"
+GOLDEN_IMAGES = 8
+# Largest logit difference the device may show, times the largest golden logit: INT8 engines requantize
+# differently from ONNX Runtime; FP16 rounds; FP32 builds use TF32 on Ampere and later by default.
+GOLDEN_TOLERANCE = {"int8": 0.1, "fp16": 0.02, "fp32": 0.01}
 CALIBRATION_CACHE = "calibration.cache"
 DEVICE_CACHE = "calibration.trt.cache"   # calibration.cache with the header of the device's TensorRT
 TRTEXEC = "__TRTEXEC__"                  # stands for "$TRTEXEC" in rendered command lines
@@ -52,6 +63,54 @@ def dla_engine_name(core: int) -> str:
     return f"model.dla{core}.engine"
 
 
+@dataclass(frozen=True)
+class Golden:
+    """Inputs with the logits ONNX Runtime gives for the bundle's ONNX, and what the device must match."""
+
+    inputs: np.ndarray
+    logits: np.ndarray
+    max_abs_logit_diff: float
+    min_top1_agreement: float
+
+    def self_check(self) -> dict:
+        return {"file": GOLDEN, "images": int(len(self.inputs)), "reference": "onnxruntime on " + ONNX_NAME,
+                "max_abs_logit_diff": self.max_abs_logit_diff, "min_top1_agreement": self.min_top1_agreement}
+
+
+def golden_set(onnx_path: str | os.PathLike, candidates: np.ndarray, n: int = GOLDEN_IMAGES,
+               precision: str = "int8") -> Golden:
+    """The `n` candidates whose top-1 this exact ONNX (through ONNX Runtime) decides most clearly, with its logits.
+
+    Clear margins keep the device's top-1 check meaningful: an engine within tolerance cannot flip them.
+    """
+    from edgeres.backends.ort import OrtBackend
+    from edgeres.bench import artifact_from_path
+
+    backend = OrtBackend()
+    session = backend.load(artifact_from_path(onnx_path))
+    logits = np.concatenate([backend.run(session, x[None]) for x in candidates]).astype(np.float32)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    pick = np.sort(np.argsort(-margin, kind="stable")[:n])
+    logits = logits[pick]
+    tolerance = GOLDEN_TOLERANCE[precision] * float(np.abs(logits).max())
+    robust = float(np.mean(margin[pick] > 2 * tolerance))
+    return Golden(np.ascontiguousarray(candidates[pick], dtype=np.float32), logits, round(tolerance, 6),
+                  robust)
+
+
+def write_device_runner(bundle_dir: str | os.PathLike, meta: ArtifactMeta, golden: Golden) -> list[Path]:
+    """artifact.json (the record + self-check limits), golden.npz and the stand-alone trt_run.py."""
+    bundle = Path(bundle_dir)
+    with atomic_write(bundle / GOLDEN) as tmp, open(tmp, "wb") as f:
+        np.savez(f, inputs=golden.inputs, logits=golden.logits)
+    sidecar = artifact_meta.write_sidecar(bundle, meta, {"self_check": golden.self_check()})
+    with atomic_write(bundle / RUNNER) as tmp:
+        tmp.write_text((Path(__file__).parent / "backends" / RUNNER).read_text(encoding="utf-8"), encoding="utf-8")
+        tmp.chmod(0o755)
+    return [bundle / GOLDEN, sidecar, bundle / RUNNER]
+
+
 def write_bundle_extras(
     bundle_dir: str | os.PathLike,
     target: Target,
@@ -61,11 +120,13 @@ def write_bundle_extras(
     input_shape: Sequence[int],
     calib_scales: dict[str, float] | None = None,
     workspace_mb: int | None = None,
+    meta: ArtifactMeta | None = None,
+    golden: Golden | None = None,
 ) -> list[Path]:
     """Write build.sh, build.json, README.md and, for DLA INT8, the Q/DQ-free ONNX and calibration.cache.
 
     `calib_scales` (tensor -> amax/127, Q/DQ-free names) defaults to the scales read from the Q/DQ ONNX.
-    Returns the paths written.
+    With `meta` and `golden`, also the stand-alone runner (`write_device_runner`). Returns the paths written.
     """
     bundle = Path(bundle_dir)
     if target.runtime != "tensorrt":
@@ -76,7 +137,7 @@ def write_bundle_extras(
         raise ExportError(f"{onnx_path} not found; write the ONNX into the bundle before its build files")
     shape = _full_shape(input_shape, target.default_batch)
     shapes = _shapes_flag(onnx_path, shape)
-    written = []
+    written = write_device_runner(bundle, meta, golden) if meta is not None and golden is not None else []
 
     dla = target.has_dla and precision in ("int8", "fp16")
     cache = None
@@ -105,7 +166,8 @@ def write_bundle_extras(
         trt_backend.BUILD_SETTINGS: json.dumps(settings, indent=2) + "\n",
         "build.sh": build_script(target, onnx_name=onnx_name, precision=precision, dla=dla,
                                  has_cache=cache is not None, workspace_mb=workspace_mb, shapes=shapes),
-        "README.md": device_readme(target, onnx_name=onnx_name, precision=precision, shape=shape, dla=dla),
+        "README.md": device_readme(target, onnx_name=onnx_name, precision=precision, shape=shape, dla=dla,
+                                   runner=bool(written and written[-1].name == RUNNER), meta=meta),
     }
     for name, text in files.items():
         with atomic_write(bundle / name) as tmp:
@@ -261,8 +323,33 @@ def build_script(target: Target, *, onnx_name: str, precision: str, dla: bool = 
 # --- README.md ---------------------------------------------------------------------------------------
 
 
+def _runner_readme(meta: ArtifactMeta | None) -> str:
+    what = ""
+    if meta is not None:
+        names = meta.classes[:3] if meta.classes else ()
+        what = (f"\n`artifact.json` says what the model is: {meta.num_classes} classes"
+                + (f" ({', '.join(names)}, ...)" if names else "")
+                + f", input `{meta.input_name}` {meta.input_size}x{meta.input_size} RGB, and every preprocessing step."
+                + " The same record is in `model.onnx` (metadata key `edgeres`).\n")
+    return f"""
+## 3. Check and run the engine without edgeres
+`{RUNNER}` needs only TensorRT's Python bindings and numpy (Pillow for images), all in JetPack.
+{what}
+```
+python3 {RUNNER} --self-check        # the engine against {GOLDEN}; exit 1 when it disagrees
+python3 {RUNNER} cat.jpg dog.png     # top-5 class names with probabilities
+python3 {RUNNER} --bench --batch 1   # engine latency (GPU execution; copies excluded)
+python3 {RUNNER} --info              # what the bundle says about itself
+```
+`{GOLDEN}` holds {GOLDEN_IMAGES} inputs with the logits this exact ONNX gives in ONNX Runtime. The self-check
+runs them through the engine and compares top-1 agreement and the largest logit difference with the limits
+in `artifact.json` (`--max-diff` overrides): an INT8 Q/DQ graph that builds yet computes wrongly on this
+TensorRT version or board fails here, before it ships.
+"""
+
+
 def device_readme(target: Target, *, onnx_name: str, precision: str, shape: tuple[int, ...],
-                  dla: bool) -> str:
+                  dla: bool, runner: bool = False, meta: ArtifactMeta | None = None) -> str:
     t = target
     facts = [f"- Compute capability: {t.compute_capability}" if t.compute_capability else None,
              f"- Memory: {t.memory_mb} MB" if t.memory_mb else None,
@@ -296,15 +383,12 @@ scp -r BUNDLE user@jetson:~/
 cd ~/BUNDLE && ./build.sh          # trtexec; EDGERES_TRT_VERSION=... overrides the detected version
 edgeres build BUNDLE              # or: the TensorRT Python API (pip install edgeres[jetson])
 ```
-{dla_text}
-## 3. Benchmark
+{dla_text}{_runner_readme(meta) if runner else ""}
+## {4 if runner else 3}. With edgeres on the device: benchmark, evaluate, predict
 ```
 edgeres bench BUNDLE/{trt_backend.ENGINE_NAME}
-```
-
-## 4. Evaluate top-1 error
-```
-edgeres eval BUNDLE/{trt_backend.ENGINE_NAME} --data D
+edgeres eval BUNDLE/{trt_backend.ENGINE_NAME} --data D      # top-1 error
+edgeres predict BUNDLE/{trt_backend.ENGINE_NAME} IMAGE...
 ```
 
 ## Device

@@ -11,13 +11,13 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgeres import data, targets
+from edgeres import artifact_meta, data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, host_text, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
@@ -335,16 +335,19 @@ def export(
         host["threads"] = opts.bench.threads or host["cores_available"]
         notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
 
+    meta = _artifact_meta(net, target, test_ds, spec, model_name, weights)
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source)
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
+        artifact_meta.embed_onnx(tmp / "fp32.onnx", replace(meta, precision="fp32"))
         rows = [measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0)]
 
         work, prune_info = net, None
         if opts.prune is not None:
             work, prune_info = _prune_stage(net, train_ds, opts, example)
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
+            artifact_meta.embed_onnx(tmp / "pruned_fp32.onnx", replace(meta, precision="fp32"))
             rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
             _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=source)
         deployed, fold_info = _fold_stage(work, example)
@@ -355,10 +358,11 @@ def export(
             deployed, quant_info = _quantize_stage(work, train_ds, opts, example, tmp)
         deployed.cfg = cfg
         _write_model_onnx(deployed, tmp, target, cfg.input_size, opts.int8)
+        artifact_meta.embed_onnx(tmp / "model.onnx", replace(meta, precision=precision))
         variant = ("pruned " if opts.prune else "") + precision
         rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
         agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
-        extras = _target_extras(tmp, target, deployed, precision)
+        extras = _target_extras(tmp, target, deployed, precision, replace(meta, precision=precision), test_ds)
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
             quantization=quant_info, agreement=agreement, notes=notes, extras=extras, host=host,
@@ -390,6 +394,18 @@ def _save_pruned(path: Path, model: nn.Module, prune_info: dict, *, baseline: Va
         "eval_images": baseline.eval_images, "runtime": baseline.runtime}})
 
 
+def _artifact_meta(net: nn.Module, target: targets.Target, test_ds, spec, model_name: str | None,
+                   weights: str | os.PathLike | None) -> artifact_meta.ArtifactMeta:
+    """What every ONNX of this export carries: classes (the model's, else the data set's), preprocessing,
+    weights provenance; the precision is set per file."""
+    named = str(spec).lower() in data.CIFAR
+    return artifact_meta.for_model(
+        net, precision="fp32", weights=artifact_meta.weights_provenance(model_name, weights), target=target.name,
+        data_classes=None if test_ds.synthetic else test_ds.classes,
+        dataset=str(spec).lower() if named else (None if test_ds.synthetic else test_ds.name),
+    )
+
+
 def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input_size: int, int8: bool) -> None:
     """model.onnx in the target's flavour (CPU: uint8 after ReLU; TensorRT: int8 only)."""
     import onnx
@@ -407,17 +423,23 @@ def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input
         os.replace(raw, tmp / "model.onnx")
 
 
-def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precision: str) -> dict:
-    """What a target adds beside model.onnx: for TensorRT the lint, build script, DLA cache and README."""
+def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precision: str,
+                   meta: artifact_meta.ArtifactMeta, test_ds) -> dict:
+    """What a target adds beside model.onnx: for TensorRT the lint, build script, DLA cache, README, and the
+    stand-alone runner with its golden inputs (the clearest of the first 64 test images)."""
     if target.runtime != "tensorrt":
         return {}
     from edgeres.check import check_onnx
-    from edgeres.jetson import write_bundle_extras
+    from edgeres.jetson import golden_set, write_bundle_extras
 
     lint = check_onnx(tmp / "model.onnx", target)
     lint.raise_for_errors("model.onnx")
     size = model.cfg.input_size
-    written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size))
+    head = data.Dataset(test_ds.name, test_ds.split, test_ds.images[:64], test_ds.labels[:64], test_ds.classes)
+    candidates, _ = next(data.batches(head, 64, mean=meta.preprocess.mean, std=meta.preprocess.std))
+    golden = golden_set(tmp / "model.onnx", candidates.numpy(), precision=precision)
+    written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size),
+                                  meta=meta, golden=golden)
     return {"tensorrt_lint": lint.to_dict(), "bundle_files": sorted(p.name for p in written),
             "compute_capability": target.compute_capability,
             "tensorrt_versions": list(target.tensorrt.versions()) if target.tensorrt else []}

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeres.artifact_meta import KEY as META_KEY
+from edgeres.artifact_meta import onnx_meta_text
 from edgeres.backends.base import Artifact, RuntimeOptions
 from edgeres.errors import ExportError, TargetError
 from edgeres.io import sha256sum
@@ -104,6 +106,16 @@ def _first_reason(exc: Exception) -> str:
 def ir_precision(xml: str | os.PathLike) -> str:
     """`precision_of` for an IR on disk (for `edgeres bench model.xml` without a manifest)."""
     return precision_of(read_ir(xml))
+
+
+def ir_meta_text(xml: str | os.PathLike) -> str | None:
+    """The edgeres metadata record (JSON) in an IR's rt_info, or None when it has none."""
+    try:
+        model = import_openvino().Core().read_model(str(xml))
+    except Exception as exc:  # noqa: BLE001  (OpenVINO raises its own exception types)
+        raise ExportError(f"OpenVINO cannot read {xml} ({str(exc).splitlines()[0][:120]}); keep its .bin beside "
+                          "it, or re-export it") from exc
+    return model.get_rt_info(META_KEY).astype(str) if model.has_rt_info(META_KEY) else None
 
 
 def _rt(op, key: str) -> str:
@@ -202,6 +214,9 @@ class OpenVINOBackend:
         except Exception as exc:  # noqa: BLE001  (the converter raises its own exception types)
             raise ExportError(f"OpenVINO cannot convert {onnx}: {exc}; re-export the model") from exc
         precision = precision_of(model)
+        meta = onnx_meta_text(onnx)
+        if meta is not None:  # the IR describes itself as its ONNX did
+            model.set_rt_info(meta, META_KEY)
 
         def check(xml: Path) -> dict:
             described = describe_precision(self.core.compile_model(str(xml), DEVICE, compile_config()))
