@@ -154,7 +154,14 @@ def runtime_for(path: Path) -> str:
 
 
 def input_shape_of(path: Path) -> list[int]:
-    """(C, H, W) from the export folder's manifest.json, or the ONNX graph's input."""
+    """(C, H, W) from the artifact's own metadata, the export folder's manifest.json, or the ONNX graph's input."""
+    from edgeres import artifact_meta
+
+    try:
+        size = artifact_meta.read(path).input_size
+        return [3, size, size]
+    except EdgeresError:
+        pass  # made by an older edgeres or another tool: the other sources below
     manifest = path.parent / "manifest.json"
     if manifest.is_file():
         try:
@@ -170,7 +177,7 @@ def input_shape_of(path: Path) -> list[int]:
         shape = [d.dim_value for d in dims[1:]]
         if shape and all(v > 0 for v in shape):
             return shape
-    raise EdgeresError(f"cannot tell the input shape of {path.name}; keep its manifest.json beside it")
+    raise EdgeresError(f"cannot tell the input shape of {path.name}; re-export it (edgeres writes it into the file)")
 
 
 def artifact_from_path(path: str | os.PathLike) -> Artifact:

@@ -143,3 +143,28 @@ def test_eval_of_a_copied_artifact_refuses_data_with_other_classes(small_onnx, t
             Image.new("RGB", (32, 32)).save(tree / split / cls / "x.png")
     with pytest.raises(EdgeresError, match="not those of"):
         api.eval_artifact(path, data_spec=str(tree))
+
+
+def test_predict_and_eval_commands(small_onnx, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edgeres.cli import app, main
+
+    path, _ = small_onnx
+    img = tmp_path / "x.jpg"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
+    res = CliRunner().invoke(app, ["predict", str(path), str(img), "--top", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["model"] == "resnet20" and len(doc["predictions"][0]["top"]) == 2
+    res = CliRunner().invoke(app, ["eval", str(path), "--data", "synthetic", "--limit", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["total"] == 32 and json.loads(res.stdout)["runtime"] == "onnxruntime"
+    monkeypatch.setattr(sys, "argv", ["edgeres", "predict", str(path), str(tmp_path / "missing.png")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "cannot decode image" in err and "Traceback" not in err

@@ -52,6 +52,22 @@ def test_int8_file_shrinks_and_manifest_hashes_files(int8_export):
     assert {"torch", "nncf", "onnx", "onnxruntime"} <= set(manifest["versions"])
 
 
+def test_exported_files_describe_themselves_and_evaluate_alone(int8_export, tmp_path):
+    """A copied-away model.onnx needs nothing beside it: eval gives the figure the export reported."""
+    import shutil
+
+    from edgeres import api, artifact_meta
+
+    out, report = int8_export
+    meta = artifact_meta.read(out / "model.onnx")
+    assert meta.precision == "int8" and artifact_meta.read(out / "fp32.onnx").precision == "fp32"
+    assert meta.weights == {"random_init": True} and meta.preprocess.mean == (0.485, 0.456, 0.406)
+    assert meta.classes is None  # synthetic data has no real class names; none are invented
+    shutil.copy(out / "model.onnx", tmp_path / "model.onnx")
+    again = api.eval_artifact(tmp_path / "model.onnx", data_spec="synthetic", limit=64)
+    assert again.result.top1_error == report.rows[-1].top1_error
+
+
 def test_failure_leaves_previous_folder_intact(int8_export, tmp_path, monkeypatch):
     out, _ = int8_export
     before = {p.name: p.read_bytes() for p in out.iterdir()}
