@@ -208,8 +208,9 @@ class Engine:
             i, o = self.names.index(self.input), self.names.index(self.output)
             self.context.set_binding_shape(i, x.shape)
             out_shape = tuple(self.context.get_binding_shape(o))
+        elif self.context.set_input_shape(self.input, x.shape) is False:
+            raise RunError(f"the engine does not take input shape {x.shape}; rebuild it for this batch size")
         else:
-            self.context.set_input_shape(self.input, x.shape)
             out_shape = tuple(self.context.get_tensor_shape(self.output))
         out = np.empty(out_shape, dtype=self._dtype(self.output))
         x_ptr, y_ptr = self._buffer(self.input, x.nbytes), self._buffer(self.output, out.nbytes)
@@ -284,6 +285,9 @@ def classify(engine: Engine, meta: dict, images: list[str], top: int) -> list[di
         except OSError as exc:
             raise RunError(f"cannot decode image {path}: {exc}") from exc
         probs = softmax(engine.run(x)[0])
+        if probs.size != len(names):
+            raise RunError(f"the engine gives {probs.size} outputs, artifact.json names {len(names)} classes; "
+                           "rebuild the engine from this bundle's model.onnx")
         order = np.argsort(-probs, kind="stable")[:top]
         results.append({"image": path, "top": [{"index": int(i), "class": names[i], "probability": float(probs[i])}
                                                for i in order]})
