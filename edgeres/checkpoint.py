@@ -211,7 +211,7 @@ def load_model(
             raise CheckpointError("no model name given and the checkpoint does not name one; pass MODEL")
         name = ckpt.model
     base = models.split_name(name)[0]
-    opts = dict(arch)
+    opts = {k: v for k, v in arch.items() if v is not None}  # unset CLI options must not hide the saved ones
     if ckpt is not None and ckpt.cfg:
         saved = ckpt.cfg
         opts = {**saved.get("arch", {}), **opts}

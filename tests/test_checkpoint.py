@@ -94,3 +94,13 @@ def test_weights_tag_is_verified(resnet20_weights):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         checkpoint.read_checkpoint(tmp_path / "none.pt")
+
+
+def test_unset_options_keep_the_checkpoints_own(tmp_path):
+    """`edgeres export resnet18 --weights x.pt` passes input_size=None: the saved 64 px stem must win."""
+    from edgeres import models
+    from edgeres.checkpoint import load_model, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "r18.pt", models.create("resnet18", num_classes=5, input_size=64))
+    model = load_model("resnet18", path, input_size=None, width=None)
+    assert model.cfg.input_size == 64 and model.conv1.weight.shape[-1] == 7
