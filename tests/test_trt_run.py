@@ -206,8 +206,10 @@ def test_bundle_carries_runner_golden_set_and_record(bundle):
 def test_runner_imports_only_what_jetpack_has():
     imported = {line.split()[1].split(".")[0] for line in RUNNER.read_text().splitlines()
                 if line.lstrip().startswith(("import ", "from "))}
-    assert imported <= {"__future__", "argparse", "ctypes", "json", "sys", "time", "pathlib", "numpy", "PIL",
-                        "tensorrt"}
+    assert imported <= {"argparse", "ctypes", "json", "sys", "time", "pathlib", "typing", "numpy", "PIL", "tensorrt"}
+    import ast
+
+    ast.parse(RUNNER.read_text(), feature_version=(3, 6))  # JetPack 4.6's Python
 
 
 def test_self_check_passes_on_a_faithful_engine(runner, bundle, capsys):

@@ -11,10 +11,10 @@ read from the bundle's own `artifact.json`: class names, input name and shape, p
     python3 trt_run.py --bench [--batch 1]        engine latency (GPU compute; copies excluded)
 
 Build the engine first with ./build.sh. edgeres copies this file verbatim into every Jetson bundle;
-its tests hold the preprocessing below pixel for pixel against edgeres's own.
+its tests hold the preprocessing below pixel for pixel against edgeres's own. It runs on every JetPack's
+own Python (3.6 on JetPack 4.6, 3.8 on 5, 3.10 on 6) with the numpy and Pillow of its Ubuntu, hence
+typing's Optional/List and no newer syntax.
 """
-
-from __future__ import annotations
 
 import argparse
 import ctypes
@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -48,14 +49,14 @@ def read_meta(bundle: Path) -> dict:
     return meta
 
 
-def class_names(meta: dict) -> list[str]:
+def class_names(meta: dict) -> List[str]:
     return meta["classes"] or [f"class {i}" for i in range(meta["num_classes"])]
 
 
 # --- preprocessing: the record in artifact.json, step by step ------------------------------------------------
 
 
-def load_rgb(path: str | Path):
+def load_rgb(path: Union[str, Path]):
     """Decode any image to RGB: EXIF orientation applied, transparency and 16-bit grey handled."""
     from PIL import Image, ImageOps
 
@@ -68,14 +69,15 @@ def load_rgb(path: str | Path):
         return im.convert("RGB")
 
 
-def preprocess(path: str | Path, pre: dict) -> np.ndarray:
+def preprocess(path: Union[str, Path], pre: dict) -> np.ndarray:
     """Resize the shorter side, centre-crop, scale, normalise: float32 CHW."""
     from PIL import Image
 
     if pre["color"] != "RGB" or pre["layout"] != "NCHW" or not pre["antialias"]:
         raise RunError(f"unsupported preprocessing {pre}")
-    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+    modes = getattr(Image, "Resampling", Image)  # Pillow < 9.1 (JetPack's python3-pil) has no Resampling
+    filters = {"nearest": modes.NEAREST, "bilinear": modes.BILINEAR, "bicubic": modes.BICUBIC,
+               "lanczos": modes.LANCZOS}
     img = load_rgb(path)
     w, h = img.size
     shorter = pre["resize_shorter_side"]
@@ -178,14 +180,14 @@ class Engine:
         else:
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
             is_input = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
-        inputs = [n for n, i in zip(names, is_input, strict=True) if i]
-        outputs = [n for n, i in zip(names, is_input, strict=True) if not i]
+        inputs = [n for n, i in zip(names, is_input) if i]
+        outputs = [n for n, i in zip(names, is_input) if not i]
         if len(inputs) != 1 or len(outputs) != 1:
             raise RunError(f"{path.name} has inputs {inputs} and outputs {outputs}; expected one of each")
         self.input, self.output = inputs[0], outputs[0]
         self.names = names
         self.stream = cuda.stream()
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
+        self._buffers = {}  # name -> (device pointer, bytes)  # name -> (pointer, bytes)
 
     def _dtype(self, name: str):
         dt = (self.engine.get_binding_dtype(self.names.index(name)) if self.legacy
@@ -258,14 +260,15 @@ def info(bundle: Path, meta: dict) -> dict:
             "engine_build": json.loads(engine_json.read_text()) if engine_json.is_file() else None}
 
 
-def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: float | None = None) -> dict:
+def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: Optional[float] = None) -> dict:
     """Run golden.npz's inputs one by one; compare with the logits ONNX Runtime gave for this exact ONNX."""
     spec = meta.get("self_check") or {}
     path = bundle / spec.get("file", "golden.npz")
     if not path.is_file():
         raise RunError(f"{path} not found; the bundle is incomplete, export it again")
-    with np.load(path) as golden:
-        inputs, expected = golden["inputs"], golden["logits"]
+    golden = np.load(str(path))
+    inputs, expected = golden["inputs"], golden["logits"]
+    golden.close()
     got = np.concatenate([engine.run(x[None]) for x in inputs]).reshape(expected.shape)
     tolerance = float(max_diff if max_diff is not None else spec["max_abs_logit_diff"])
     agreement = float(np.mean(got.argmax(1) == expected.argmax(1)))
@@ -276,7 +279,7 @@ def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: float | None 
             "passed": bool(np.isfinite(got).all() and agreement >= need and diff <= tolerance)}
 
 
-def classify(engine: Engine, meta: dict, images: list[str], top: int) -> list[dict]:
+def classify(engine: Engine, meta: dict, images: List[str], top: int) -> List[dict]:
     names = class_names(meta)
     results = []
     for path in images:
@@ -288,7 +291,7 @@ def classify(engine: Engine, meta: dict, images: list[str], top: int) -> list[di
         if probs.size != len(names):
             raise RunError(f"the engine gives {probs.size} outputs, artifact.json names {len(names)} classes; "
                            "rebuild the engine from this bundle's model.onnx")
-        order = np.argsort(-probs, kind="stable")[:top]
+        order = np.argsort(-probs, kind="mergesort")[:top]  # stable: ties keep index order
         results.append({"image": path, "top": [{"index": int(i), "class": names[i], "probability": float(probs[i])}
                                                for i in order]})
     return results
@@ -297,7 +300,7 @@ def classify(engine: Engine, meta: dict, images: list[str], top: int) -> list[di
 def bench(engine: Engine, meta: dict, batch: int, warmup: int, runs: int) -> dict:
     """Latency of engine execution alone (inputs already on the GPU), after warm-up."""
     shape = [batch, *meta["input"]["shape"][1:]]
-    engine.prepare(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    engine.prepare(np.random.RandomState(0).standard_normal(shape).astype(np.float32))
     for _ in range(warmup):
         engine.execute()
     times = np.empty(runs)
@@ -312,7 +315,7 @@ def bench(engine: Engine, meta: dict, batch: int, warmup: int, runs: int) -> dic
             "measures": "engine execution on the GPU; host<->device copies excluded"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run this bundle's TensorRT engine (tensorrt + numpy only).")
     parser.add_argument("images", nargs="*", help="image files to classify")
     parser.add_argument("--bundle", type=Path, default=HERE, help="bundle folder (default: this file's)")
