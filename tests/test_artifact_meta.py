@@ -133,16 +133,21 @@ def test_predict_reads_classes_and_preprocessing_from_the_artifact(small_onnx, t
 
 
 def test_eval_of_a_copied_artifact_refuses_data_with_other_classes(small_onnx, tmp_path):
-    path, _ = small_onnx
-    tree = tmp_path / "folder"
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (tree / split / cls).mkdir(parents=True)
-            from PIL import Image
+    from PIL import Image
 
-            Image.new("RGB", (32, 32)).save(tree / split / cls / "x.png")
-    with pytest.raises(EdgeresError, match="not those of"):
-        api.eval_artifact(path, data_spec=str(tree))
+    path, _ = small_onnx
+
+    def tree(name, classes):
+        for split in ("train", "val"):
+            for cls in classes:
+                (tmp_path / name / split / cls).mkdir(parents=True)
+                Image.new("RGB", (32, 32)).save(tmp_path / name / split / cls / "x.png")
+        return str(tmp_path / name)
+
+    with pytest.raises(EdgeresError, match="has 2 classes"):
+        api.eval_artifact(path, data_spec=tree("two", ("a", "b")))
+    with pytest.raises(EdgeresError, match="not those of"):  # ten classes, but not CIFAR-10's in its order
+        api.eval_artifact(path, data_spec=tree("ten", [f"c{i}" for i in range(10)]))
 
 
 def test_predict_and_eval_commands(small_onnx, tmp_path, monkeypatch, capsys):

@@ -133,7 +133,7 @@ def _build_workspace(ws: Path) -> None:
     (bundle / "manifest.json").write_text('{"format": "edgeres-export/1", "model": "resnet20"}')
     (bundle / "build.json").write_text("{damaged")
     (bundle / "model.onnx").write_bytes(onnx_bytes)
-    export = ws / "bad_manifest"  # an artifact whose manifest is damaged
+    export = ws / "bad_manifest"  # an artifact without its own metadata (eval reads that, never the manifest)
     export.mkdir()
     (export / "model.onnx").write_bytes(onnx_bytes)
     (export / "manifest.json").write_text("[1, 2")
@@ -298,7 +298,11 @@ CASES = [
     Case("bench-garbage-engine", ("bench", "{ws}/fake.engine"), "fake.engine"),
     Case("bench-unknown-suffix", ("bench", "{ws}/notes.txt"), "cannot tell the runtime"),
     Case("bench-missing-artifact", ("bench", "{ws}/nope.onnx"), "not found"),
-    Case("eval-damaged-manifest", ("eval", "{ws}/bad_manifest/model.onnx"), "not an edgeres export manifest"),
+    Case("predict-artifact-without-metadata", ("predict", "{ws}/tiny.onnx", "{ws}/user.png"),
+         "carries no edgeres metadata"),
+    Case("predict-text-named-onnx", ("predict", "{ws}/text.onnx", "{ws}/user.png"), "not a readable ONNX model"),
+    Case("predict-missing-artifact", ("predict", "{ws}/nope.onnx", "{ws}/user.png"), "not found"),
+    Case("eval-artifact-without-metadata", ("eval", "{ws}/bad_manifest/model.onnx"), "carries no edgeres metadata"),
     Case("report-corrupt-json", ("report", "{ws}/bad_report"), "not an edgeres report"),
     Case("report-binary-json", ("report", "{ws}/binary_report"), "not an edgeres report"),
     Case("report-foreign-folder", ("report", "{ws}/precious"), "has no report.json"),
