@@ -301,7 +301,7 @@ def test_pipeline_bundle_has_golden_outputs_of_its_own_onnx(tmp_path):
 
     out = tmp_path / "orin"
     pipeline.export("resnet20", data_spec="synthetic", out=out, options=pipeline.ExportOptions(
-        target="jetson-orin-nano", fp16=True, eval_limit=64,
+        target="jetson-orin-nano", fp16=True, eval_limit=64, random_init=True,
         bench=BenchOptions(batch_sizes=(1,), warmup=1, runs=2)))
     record = json.loads((out / "artifact.json").read_text())
     assert record["precision"] == "fp16" and record == {**artifact_meta.read(out / "model.onnx").to_dict(),
