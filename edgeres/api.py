@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeres import data, models
-from edgeres.checkpoint import load_model, require_weights
+from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.models.stats import count_macs, count_params
 from edgeres.report import RANDOM_WEIGHTS
 from edgeres.train import EvalResult, evaluate
@@ -104,7 +104,7 @@ def eval_model(
     if model and Path(model).suffix.lower() in SUFFIX_RUNTIME and weights is None:
         return eval_artifact(model, data_spec=data_spec, split=split, batch_size=batch_size, limit=limit)
     net = load_model(model, weights, num_classes=num_classes, new_head=False, **arch)
-    random = require_weights(model, weights, random_init)  # after the name and options are checked
+    random = require_weights(model, weights, random_init) or untrained(net)  # after the name is checked
     ds = data.load_dataset(data_spec or net.cfg.dataset, split, image_size=net.cfg.input_size)
     data.check_classes(ds, net.cfg.num_classes, net.cfg.name,
                        fix=f"fine-tune it for {ds.num_classes} classes first (edgeres train ... --num-classes "

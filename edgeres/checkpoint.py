@@ -68,7 +68,8 @@ def _safe_load(path: Path) -> object:
         ) from exc
     except Exception as exc:  # torch.load raises many types on garbage bytes; all mean "not a checkpoint"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({first[:120]})") from exc
+        first = first.split(". ")[0][:120]  # the reason, not the advice torch appends
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from exc
 
 
 def _normalise_keys(sd: dict) -> dict[str, torch.Tensor]:
@@ -240,7 +241,13 @@ def load_model(
         apply_pruned_spec(model, ckpt.pruned)
     if ckpt is not None:
         _fit_state_dict(model, ckpt.state_dict, source, replace_head=new_head)
+        model.edgeres_untrained = bool((ckpt.extra or {}).get("random_init"))
     return model
+
+
+def untrained(model: nn.Module) -> bool:
+    """Whether `model`'s weights came from a checkpoint that records them as untrained (a --random-init export)."""
+    return bool(getattr(model, "edgeres_untrained", False))
 
 
 def checkpoint_dict(model: nn.Module, *, pruned: dict | None = None, extra: dict | None = None) -> dict:

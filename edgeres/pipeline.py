@@ -21,7 +21,7 @@ from edgeres import artifact_meta, data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, host_text, time_runs
 from edgeres.calibration import calibration_batches, load_calibration
-from edgeres.checkpoint import load_model, require_weights
+from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.errors import EdgeresError
 from edgeres.hostcpu import describe, has_native_bf16
 from edgeres.io import atomic_dir, atomic_write, check_output_dir, sha256sum
@@ -302,7 +302,7 @@ def export(
     opts = options
     target, precision = _check_options(opts)
     net = load_model(model_name, weights, num_classes=num_classes, new_head=False, **arch).eval()
-    random = require_weights(model_name, weights, opts.random_init)  # after the name and options are checked
+    random = require_weights(model_name, weights, opts.random_init) or untrained(net)  # after the name is checked
     cfg = net.cfg
     source = RANDOM_WEIGHTS if random else str(weights) if weights is not None else str(model_name)
     out = check_output_dir(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
@@ -391,7 +391,8 @@ def _save_pruned(path: Path, model: nn.Module, prune_info: dict, *, baseline: Va
 
     save_checkpoint(path, model, pruned=prune_info["spec"], extra={"unpruned_baseline": {
         "model": model.cfg.name, "weights": str(weights) if weights else None, "top1_error": baseline.top1_error,
-        "eval_images": baseline.eval_images, "runtime": baseline.runtime}})
+        "eval_images": baseline.eval_images, "runtime": baseline.runtime},
+        "random_init": str(weights) == RANDOM_WEIGHTS})  # so what it exports later says so too
 
 
 def _artifact_meta(net: nn.Module, target: targets.Target, test_ds, spec, model_name: str | None,

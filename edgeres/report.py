@@ -105,7 +105,7 @@ ROW_COLUMNS = ["variant", "target", "precision", "pruned", "params", "MACs", "si
 def _row_cells(r: VariantRow) -> list:
     random = r.weights == RANDOM_WEIGHTS
     err, delta = ("n/a (random weights)", "n/a") if random else (r.top1_error, r.top1_error_delta)
-    variant = f"{r.variant} [random weights]" if random else r.variant
+    variant = f"{r.variant} (random weights)" if random else r.variant
     return [variant, r.target, r.precision, f"{r.pruned:.0%}" if r.pruned else "-", r.params, r.macs,
             r.size_mb, r.latency_ms_p50, r.throughput_ips, err, delta]
 

@@ -104,3 +104,20 @@ def test_unset_options_keep_the_checkpoints_own(tmp_path):
     path = save_checkpoint(tmp_path / "r18.pt", models.create("resnet18", num_classes=5, input_size=64))
     model = load_model("resnet18", path, input_size=None, width=None)
     assert model.cfg.input_size == 64 and model.conv1.weight.shape[-1] == 7
+
+
+def test_non_finite_tensor_is_named(tmp_path):
+    sd = models.create("resnet20").state_dict()
+    sd["layer2.1.bn2.running_mean"][0] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    with pytest.raises(CheckpointError, match="layer2.1.bn2.running_mean holds 1 non-finite"):
+        checkpoint.load_model("resnet20", tmp_path / "inf.pt")
+
+
+def test_weights_are_required_unless_random_init_is_asked():
+    with pytest.raises(CheckpointError, match="has no weights"):
+        checkpoint.require_weights("resnet20", None, random_init=False)
+    assert checkpoint.require_weights("resnet20", None, random_init=True) is True
+    assert checkpoint.require_weights("resnet20.cifar10_akamaster", None, random_init=False) is False
+    with pytest.raises(CheckpointError, match="contradicts"):
+        checkpoint.require_weights("resnet20", "w.pt", random_init=True)

@@ -126,3 +126,34 @@ def test_sigterm_leaves_no_partial_output(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkill_leftovers_are_swept_by_the_next_run(tmp_path):
+    """SIGKILL cannot be caught: the temp folder stays, named with the dead pid, and the next write beside it
+    removes it; a user's look-alike file is never touched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgeres.io import atomic_dir
+
+    out = tmp_path / "exp"
+    (tmp_path / ".exp.notes").write_text("the user's")
+    env = {**os.environ, "EDGERES_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "export", "resnet20", "--data", "synthetic",
+                             "--random-init", "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    prefix = f".exp.edgeres-{proc.pid}-"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(prefix) for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(prefix)]
+    assert left, "the killed export left no temp folder to sweep (it never started writing?)"
+    with atomic_dir(out) as d:
+        (d / "model.onnx").write_text("next run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".exp.notes", "exp"]
+    assert (tmp_path / ".exp.notes").read_text() == "the user's"

@@ -99,6 +99,11 @@ def test_pruned_fp32_export_reports_smaller_macs(tmp_path):
     saved = torch.load(tmp_path / "p" / "pruned.pt", weights_only=True)
     assert saved["extra"]["unpruned_baseline"]["top1_error"] == report.rows[0].top1_error
     assert sum(p.numel() for p in pruned.parameters()) == report.rows[1].params
+    # exported with --random-init: every row says so, and so does the kept checkpoint when loaded again
+    from edgeres.checkpoint import untrained
+    from edgeres.report import RANDOM_WEIGHTS
+
+    assert {r.weights for r in report.rows} == {RANDOM_WEIGHTS} and untrained(pruned)
 
 
 @pytest.mark.parametrize(
