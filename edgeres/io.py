@@ -29,6 +29,7 @@ log = logging.getLogger("edgeres")
 MARKER = ".edgeres"  # JSON inside every folder edgeres made: {"made_by": "edgeres", "kind": ...}
 TEMP_TAG = "edgeres"
 _EXPORT_FORMAT = "edgeres-export/"
+_KINDS = {"export": "an export folder", "train-run": "a training run"}
 
 
 class OutputError(EdgeresError):
@@ -58,14 +59,22 @@ def _json(path: Path) -> object:
         return None
 
 
-def made_by_edgeres(folder: str | os.PathLike) -> bool:
-    """True for a folder holding edgeres's marker, or an export folder's manifest (folders made before markers)."""
+def edgeres_kind(folder: str | os.PathLike) -> str | None:
+    """What edgeres made `folder` as ("export", "train-run"), from its marker or an export's manifest; else None."""
     folder = Path(folder)
     marker = _json(folder / MARKER)
     if isinstance(marker, dict) and marker.get("made_by") == "edgeres":
-        return True
-    manifest = _json(folder / "manifest.json")
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(_EXPORT_FORMAT)
+        return str(marker.get("kind") or "folder")
+    manifest = _json(folder / "manifest.json")  # export folders made before markers
+    if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(_EXPORT_FORMAT):
+        return "export"
+    return None
+
+
+def made_by_edgeres(folder: str | os.PathLike, kind: str | None = None) -> bool:
+    """True for a folder edgeres made (as `kind`, when given)."""
+    made = edgeres_kind(folder)
+    return made is not None and (kind is None or made == kind)
 
 
 def file_made_by_edgeres(path: str | os.PathLike) -> bool:
@@ -118,13 +127,14 @@ def _probe_writable(path: Path, option: str) -> None:
         raise OutputError(f"{option} {path}: cannot write in {parent} ({reason}); pass another location") from exc
 
 
-def check_output_dir(path: str | os.PathLike, *, option: str = "--out",
+def check_output_dir(path: str | os.PathLike, *, option: str = "--out", kind: str = "export",
                      ours: Callable[[Path], bool] | None = None) -> Path:
     """`path` if edgeres may create, replace or fill that folder; else OutputError naming it and the way out.
 
-    Allowed: a new path, an empty folder, a folder edgeres made (`made_by_edgeres`, or `ours(path)` for a
-    command's own older records). Refused: a file, a symlink, a folder with anyone else's files, the working
-    or home folder or the root, a place that cannot be written. Nothing is touched either way.
+    Allowed: a new path, an empty folder, a folder edgeres made as `kind` (its marker or manifest, or
+    `ours(path)` for a command's own older records). Refused: a file, a symlink, a folder with anyone else's
+    files or another kind of edgeres output (an export never replaces a training run), the working or home
+    folder or the root, a place that cannot be written. Nothing is touched either way.
     """
     path = Path(path).expanduser()
     if path.is_symlink():
@@ -138,7 +148,11 @@ def check_output_dir(path: str | os.PathLike, *, option: str = "--out",
             empty = not any(path.iterdir())
         except OSError as exc:
             raise OutputError(f"{option} {path} cannot be read ({exc.strerror}); pass another {option}") from exc
-        if not empty and not made_by_edgeres(path) and not (ours and ours(path)):
+        made = None if empty else edgeres_kind(path)
+        if not empty and made != kind and not (ours and ours(path)):
+            if made is not None:
+                raise OutputError(f"{option} {path} holds {_KINDS.get(made, made)} edgeres made, and this writes "
+                                  f"{_KINDS.get(kind, kind)}; pass another {option}, or remove the folder yourself")
             raise OutputError(f"{option} {path} holds files edgeres did not make ({_sample(path)}); pass another "
                               f"{option}, or remove the folder yourself")
     _probe_writable(path, option)
@@ -290,7 +304,7 @@ def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Pat
     The new folder carries edgeres's marker. A failure or Ctrl-C leaves any previous `path` exactly as it was.
     """
     path = Path(path)
-    check_output_dir(path)
+    check_output_dir(path, kind=kind)
     made = _make_parent(path)
     sweep_stale(path)
     try:
@@ -302,7 +316,7 @@ def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Pat
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
         write_marker(tmp, kind)
-        check_output_dir(path)  # still empty or ours after the work
+        check_output_dir(path, kind=kind)  # still empty or ours after the work
         old = None
         if path.exists():
             old = path.with_name(f"{_temp_prefix(path.name)}old")

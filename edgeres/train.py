@@ -432,9 +432,12 @@ class _Run:
         return self.out_dir / "last.pt"
 
 
+RUN_KIND = "train-run"
+
+
 def is_run_folder(path: Path) -> bool:
     """A training run folder: edgeres's marker, or (runs made before markers) last.pt beside an epoch history."""
-    if made_by_edgeres(path):
+    if made_by_edgeres(path, RUN_KIND):
         return True
     try:
         history = json.loads((Path(path) / "history.json").read_text())
@@ -446,7 +449,7 @@ def is_run_folder(path: Path) -> bool:
 
 def check_run_folder(out_dir: str | os.PathLike) -> Path:
     """`out_dir` if a run may be written there (new, empty or a run folder); else one error naming the way out."""
-    return check_output_dir(out_dir, ours=is_run_folder)
+    return check_output_dir(out_dir, kind=RUN_KIND, ours=is_run_folder)
 
 
 def train_model(
@@ -502,10 +505,10 @@ def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, run: _Run, res
     state = _read_state(run.last) if resume else None
     if state is not None:
         _check_resumable(state, run.last, model, run.pruned, run.saved_cfg, run.data, world)
-    if rank == 0 and not made_by_edgeres(run.out_dir):
+    if rank == 0 and not made_by_edgeres(run.out_dir, RUN_KIND):
         try:
             run.out_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(run.out_dir, "train-run")  # so a later run may fill or resume it, never a user's folder
+            write_marker(run.out_dir, RUN_KIND)  # so a later run may fill or resume it, never a user's folder
         except OSError as exc:
             raise EdgeresError(f"cannot write {run.out_dir}: {exc.strerror}; pass another --out") from exc
     if state is not None:

@@ -138,6 +138,11 @@ def _build_workspace(ws: Path) -> None:
     (export / "model.onnx").write_bytes(onnx_bytes)
     (export / "manifest.json").write_text("[1, 2")
 
+    (ws / "a_run").mkdir()  # a training run: an export must not replace it
+    (ws / "a_run" / ".edgeres").write_text('{"made_by": "edgeres", "kind": "train-run"}')
+    (ws / "a_run" / "last.pt").write_bytes(b"hours of training")
+    (ws / "an_export").mkdir()  # an export folder: a training run must not be written into it
+    (ws / "an_export" / "manifest.json").write_text('{"format": "edgeres-export/1", "model": "resnet20"}')
     (ws / "bad.toml").write_text("name = 'x'\nruntime = \n")
     (ws / "missing_key.toml").write_text("name = 'x'\ndescription = 'no runtime'\n")
     (ws / "binary.toml").write_bytes(b"\xff\xfe\xfa")
@@ -310,6 +315,9 @@ CASES = [
     Case("build-damaged-record", ("build", "{ws}/bad_bundle"), "damaged"),
     # output locations
     Case("export-out-foreign-folder", ("export", "resnet20", *R, "--out", "{ws}/precious"), "did not make"),
+    Case("export-out-training-run", ("export", "resnet20", *R, "--out", "{ws}/a_run"), "holds a training run"),
+    Case("train-out-export-folder", ("train", "wrn-10-1", "--data", "synthetic", "--out", "{ws}/an_export"),
+         "holds an export folder"),
     Case("export-out-is-a-file", ("export", "resnet20", *R, "--out", "{ws}/afile"), "is a file"),
     Case("export-out-working-folder", ("export", "resnet20", *R, "--out", "."), "working folder"),
     Case("export-out-impossible", ("export", "resnet20", *R, "--out", "/proc/edgeres-x"), "cannot write"),

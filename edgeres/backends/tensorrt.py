@@ -571,7 +571,7 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
     if not settings_path.is_file():
         raise EdgeresError(f"{bundle} has no {BUILD_SETTINGS}; "
                            "export it with `edgeres export --target jetson` first")
-    if not made_by_edgeres(bundle):
+    if not made_by_edgeres(bundle, "export"):
         raise EdgeresError(f"{bundle} is not an export folder edgeres made (no manifest.json); "
                            "export it with `edgeres export --target jetson-...`")
     try:
