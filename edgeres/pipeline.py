@@ -336,6 +336,8 @@ def export(
         notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
 
     meta = _artifact_meta(net, target, test_ds, spec, model_name, weights)
+    if random and not meta.weights.get("random_init"):  # a checkpoint that records untrained weights (pruned.pt)
+        meta = replace(meta, weights={**meta.weights, "random_init": True})
     with atomic_dir(out) as tmp:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source)
         info(f"[bold]FP32 baseline[/] {cfg.name}")
