@@ -131,3 +131,16 @@ def test_a_failed_write_leaves_no_new_parent_folders(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / "a" / "b" / "export") as _d:
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_folders_made_before_markers_are_recognised_by_their_manifest(tmp_path):
+    old = tmp_path / "old-export"
+    old.mkdir()
+    (old / "manifest.json").write_text('{"format": "edgeres-export/1"}')
+    (old / "model.onnx").write_text("x")
+    assert check_output_dir(old) == old
+    with pytest.raises(OutputError, match="holds an export folder edgeres made"):
+        check_output_dir(old, kind="train-run")
+    (old / "manifest.json").write_text('{"format": "someone-else/1"}')
+    with pytest.raises(OutputError, match="did not make"):
+        check_output_dir(old)
