@@ -173,3 +173,26 @@ def test_predict_and_eval_commands(small_onnx, tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "cannot decode image" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,name", [("cpu", "model.onnx"), ("cpu-openvino", "model.xml"),
+                                         ("jetson-orin-nano", "model.onnx")])
+def test_copied_artifact_gives_the_exported_figure_on_the_full_split(data_root, tmp_path, target, name):
+    """INT8 ResNet-20 on all 10,000 CIFAR-10 test images: the artifact alone, copied away, scores what the export
+    reported (the IR travels with its .bin)."""
+    if target == "cpu-openvino":
+        pytest.importorskip("openvino")
+    from edgeres import pipeline
+
+    out = tmp_path / "exp"
+    report = pipeline.export("resnet20.cifar10_akamaster", data_spec="cifar10", out=out,
+                             options=pipeline.ExportOptions(target=target, int8=True))
+    away = tmp_path / "away"
+    away.mkdir()
+    for f in out.iterdir():
+        if f.name == name or (name.endswith(".xml") and f.name == "model.bin"):
+            shutil.copy(f, away / f.name)
+    again = api.eval_artifact(away / name)  # no --data: the artifact names its data set
+    assert again.result.total == report.rows[-1].eval_images == 10_000
+    assert again.result.top1_error == report.rows[-1].top1_error
