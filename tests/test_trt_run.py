@@ -315,3 +315,14 @@ def test_pipeline_bundle_has_golden_outputs_of_its_own_onnx(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"trt_run.py", "golden.npz", "artifact.json"} <= set(manifest["files"])
     assert onnx.load(str(out / "model.onnx")).metadata_props[0].key == "edgeres"
+
+
+def test_missing_cuda_runtime_is_one_line(bundle, monkeypatch, capsys):
+    """Without libcudart (no JetPack) the runner says so in one line; the ctypes calls themselves need a GPU."""
+    folder, _ = bundle
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    module = _load_runner(folder / jetson.RUNNER)
+    monkeypatch.setattr(module, "CUDART_NAMES", ("libcudart-does-not-exist.so",))
+    (folder / "model.engine").write_text(f"onnx:{folder / 'model.onnx'}")
+    assert module.main(["--bundle", str(folder), "--self-check"]) == 1
+    assert capsys.readouterr().err.startswith("error: the CUDA runtime (libcudart.so) was not found")
