@@ -1,41 +1,20 @@
-"""Honest latency through a backend: warm-up, then timed runs; percentiles, throughput, peak memory."""
+"""`edgeres bench`: an artifact's latency, size and peak memory (measured by `edgeres.latency`), its top-1."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
+from edgeres.backends.base import Artifact
 from edgeres.errors import EdgeresError
 from edgeres.hostcpu import describe
+from edgeres.latency import BenchOptions, LatencyStats, Worker, measure
 
 SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".xml": "openvino"}
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    batch_sizes: tuple[int, ...] = (1, 8, 64)
-    warmup: int = 10
-    runs: int = 100
-    threads: int | None = None
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    batch: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    throughput_ips: float
 
 
 @dataclass(frozen=True)
@@ -70,57 +49,6 @@ def host_text(host: dict) -> str:
     if not host:
         return ""
     return f" on {host['cpu']}" + (f" ({', '.join(host['isa'])})" if host.get("isa") else "")
-
-
-class _PeakRss:
-    """Samples this process's resident memory in a thread; `peak` is the highest seen (bytes)."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> _PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def time_runs(run, batch: np.ndarray, warmup: int, runs: int) -> LatencyStats:
-    """Call `run(batch)` `warmup` times untimed, then `runs` times timed one by one."""
-    if warmup < 0 or runs < 1:
-        raise EdgeresError(f"need warmup >= 0 and runs >= 1, got {warmup} and {runs}")
-    for _ in range(warmup):
-        run(batch)
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        run(batch)
-        times[i] = time.perf_counter() - t0
-    ms = times * 1e3
-    n = batch.shape[0]
-    return LatencyStats(
-        batch=n,
-        runs=runs,
-        p50_ms=round(float(np.percentile(ms, 50)), 4),
-        p90_ms=round(float(np.percentile(ms, 90)), 4),
-        p99_ms=round(float(np.percentile(ms, 99)), 4),
-        mean_ms=round(float(ms.mean()), 4),
-        throughput_ips=round(float(n / np.median(times)), 2),
-    )
 
 
 def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: int = 2000) -> dict:
@@ -206,21 +134,10 @@ def artifact_from_path(path: str | os.PathLike) -> Artifact:
 
 
 def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
-                   input_shape: list[int] | None = None) -> BenchResult:
-    """Load `artifact` through its backend and time every batch size in `options`."""
-    backend = get_backend(artifact.runtime)
+                   input_shape: list[int] | None = None, worker: Worker | None = None) -> BenchResult:
+    """Time every batch size in `options` of `artifact` through its backend, in a fresh worker process."""
     shape = input_shape or input_shape_of(artifact.path)
-    rng = np.random.default_rng(options.seed)
-    with _PeakRss() as mem:
-        before = mem.peak
-        session = backend.load(artifact, RuntimeOptions(threads=options.threads))
-        rows = []
-        for b in options.batch_sizes:
-            if b < 1:
-                raise EdgeresError(f"batch sizes must be >= 1, got {b}")
-            x = rng.standard_normal((b, *shape), dtype=np.float32)
-            runs = max(options.runs // max(b // 8, 1), 5)  # fewer repeats for big batches, same wall time
-            rows.append(time_runs(lambda a: backend.run(session, a), x, options.warmup, runs))
+    measured = worker.measure(artifact, options, shape) if worker else measure(artifact, options, shape)
     host = describe()
     threads = options.threads or host["cores_available"]
     return BenchResult(
@@ -230,9 +147,9 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
         threads=threads,
         input_shape=list(shape),
         size_mb=round(artifact_bytes(artifact.path) / 1e6, 4),
-        peak_rss_mb=round(mem.peak / 2**20, 1),
-        memory_delta_mb=round((mem.peak - before) / 2**20, 1),
-        rows=rows,
+        peak_rss_mb=measured.peak_rss_mb,
+        memory_delta_mb=measured.memory_delta_mb,
+        rows=measured.rows,
         host=host,
     )
 

@@ -182,7 +182,7 @@ def export_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
-    from edgeres.bench import BenchOptions
+    from edgeres.latency import BenchOptions
     from edgeres.pipeline import ExportOptions, export
     from edgeres.report import render
 
@@ -208,7 +208,8 @@ def bench_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Latency p50/p90/p99, throughput and peak memory of ARTIFACT, after warm-up."""
-    from edgeres.bench import BenchOptions, bench_path
+    from edgeres.bench import bench_path
+    from edgeres.latency import BenchOptions
     from edgeres.report import render
 
     with _library_output_to_stderr():

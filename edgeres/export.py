@@ -79,6 +79,20 @@ def save_onnx(onnx_model, path: str | Path) -> Path:
     return path
 
 
+def export_int8(model: nn.Module, path: str | Path, backend, *, input_size: int) -> Path:
+    """A stripped int8 model (`compress.quantize.strip`) as `backend`'s Q/DQ dialect at `path`: export, flavour, save.
+
+    `backend.flavour` rewrites the exporter's symmetric int8 Q/DQ graph into what its runtime fuses best.
+    """
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="edgeres-int8-") as tmp:
+        raw = export_onnx(model, Path(tmp) / "raw.onnx", input_size=input_size)
+        return save_onnx(backend.flavour(onnx.load(str(raw))), path)
+
+
 class _Graph:
     """Producer/consumer maps and constant lookup over an ONNX graph (rebuilt after each edit pass)."""
 

@@ -2,8 +2,8 @@
 
 For each candidate: parameters, MACs, weight bytes at the target's precision, the peak of live
 activations at batch B (a liveness pass over the exported ONNX graph, `edgeres.memory`), their sum,
-latency and the expected top-1 error. Latency is measured through ONNX Runtime on the CPU target and
-estimated by a roofline from the profile's peak figures elsewhere (always labelled "estimate").
+latency and the expected top-1 error. Latency is measured (`edgeres.latency`) wherever the target's runtime
+runs on this host, and estimated by a roofline from the profile's peak figures elsewhere (labelled "estimate").
 Expected errors come from the user's own runs (`runs`), else the published WRN results in
 `PUBLISHED_ERRORS`, else they are unknown. Memory is in MiB (2**20 bytes) throughout.
 """
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from edgeres import models, targets
-from edgeres.bench import BenchOptions
+from edgeres.backends.base import get_backend
 from edgeres.errors import EdgeresError
 from edgeres.io import check_output_file
+from edgeres.latency import BenchOptions, Worker
 from edgeres.memory import activation_memory, weight_bytes
 from edgeres.progress import info
 
@@ -311,41 +312,36 @@ def _calib_batches(opts: FitOptions) -> list[torch.Tensor]:
     return [torch.randn(16, 3, opts.input_size, opts.input_size, generator=g) for _ in range(2)]
 
 
-def measure_cpu_latency(net: nn.Module, precision: str, batch: int, workdir: Path, opts: FitOptions) -> Latency:
-    """p50 latency through ONNX Runtime on this machine at `batch`.
+def measure_latency(net: nn.Module, precision: str, batch: int, workdir: Path, target: Target,
+                    worker: Worker, opts: FitOptions) -> Latency:
+    """p50 latency at `batch` of `net` compiled for `target`'s runtime, timed on this machine (`edgeres.latency`).
 
     INT8 is calibrated on random inputs: the kernels and their timing do not depend on the values.
     """
-    from edgeres.backends.base import Artifact, RuntimeOptions
-    from edgeres.backends.ort import OrtBackend
-    from edgeres.bench import time_runs
-    from edgeres.export import export_onnx, save_onnx
+    from edgeres.export import export_int8, export_onnx
 
-    path = workdir / f"latency-{precision}.onnx"
+    backend = get_backend(target.runtime)
+    onnx_path = workdir / f"latency-{precision}.onnx"
     if precision == "int8":
-        import onnx
-
         from edgeres.compress import quantize
-        from edgeres.export import to_cpu_flavour
 
         example = torch.zeros(1, 3, opts.input_size, opts.input_size)
         qmodel = quantize.ptq(net, _calib_batches(opts), example_input=example)
-        raw = export_onnx(quantize.strip(qmodel, example), workdir / "int8-raw.onnx", input_size=opts.input_size)
-        save_onnx(to_cpu_flavour(onnx.load(str(raw))), path)
+        export_int8(quantize.strip(qmodel, example), onnx_path, backend, input_size=opts.input_size)
     else:
-        export_onnx(net, path, input_size=opts.input_size)
-    backend = OrtBackend()
-    session = backend.load(Artifact(path, backend.name, precision), RuntimeOptions(threads=opts.bench.threads))
-    x = torch.randn(batch, 3, opts.input_size, opts.input_size).numpy()
-    stats = time_runs(lambda a: backend.run(session, a), x, opts.bench.warmup, opts.bench.runs)
+        export_onnx(net, onnx_path, input_size=opts.input_size)
+    artifact = backend.compile(onnx_path, target, onnx_path.with_suffix(backend.suffix))
+    options = replace(opts.bench, batch_sizes=(batch,))
+    stats = worker.measure(artifact, options, (3, opts.input_size, opts.input_size)).rows[0]
     threads = opts.bench.threads or "default"
-    return Latency(stats.p50_ms, "measured", f"ONNX Runtime CPU on this machine, p50 of {stats.runs} runs, "
-                                             f"batch {batch}, threads {threads}")
+    return Latency(stats.p50_ms, "measured", f"{backend.name} on this machine (fresh worker process), p50 of "
+                                             f"{stats.runs} runs, batch {batch}, threads {threads}")
 
 
 def size_candidate(depth: int, width: int, ratio: float, target: Target, precision: str, batch: int,
-                   budget_bytes: float, runs: list[RunRecord], opts: FitOptions) -> tuple[Candidate, nn.Module]:
-    """Export, run the liveness pass, count weights, time or estimate latency, look up the expected error."""
+                   budget_bytes: float, runs: list[RunRecord], opts: FitOptions,
+                   worker: Worker) -> tuple[Candidate, nn.Module]:
+    """Export, run the liveness pass, count weights, time (or, off the device, estimate) latency, expected error."""
     import onnx
 
     from edgeres.export import export_onnx
@@ -360,8 +356,8 @@ def size_candidate(depth: int, width: int, ratio: float, target: Target, precisi
         weights = weight_bytes(net, precision)
         macs = count_macs(net, opts.input_size)
         fits_memory = weights + act.peak_bytes <= budget_bytes
-        if target.runtime == "onnxruntime":
-            latency = measure_cpu_latency(net, precision, batch, Path(tmp), opts)
+        if get_backend(target.runtime).runs_on_host:
+            latency = measure_latency(net, precision, batch, Path(tmp), target, worker, opts)
         else:
             latency = roofline(macs, batch, weights + act.traffic_bytes, target, precision)
     fits_latency = None
@@ -513,22 +509,25 @@ def fit_wrn(opts: FitOptions) -> FitReport:
     candidates: list[Candidate] = []
     nets: dict[int, nn.Module] = {}
     stop = f"reached the width limit {opts.max_width} with candidates still fitting"
-    for width in range(1, opts.max_width + 1):
-        row = []
-        for ratio in ratios:
-            info(f"sizing wrn-{opts.depth}-{width}" + (f" pruned {ratio:.0%}" if ratio else ""))
-            cand, net = size_candidate(opts.depth, width, ratio, target, precision, batch, budget * MIB, runs, opts)
-            nets[id(cand)] = net
-            row.append(cand)
-        candidates += row
-        if not any(c.fits for c in row):
-            stop = f"nothing at width {width} fits" + ("" if any(c.fits_memory for c in row) else " the memory budget")
-            break
+    backend = get_backend(target.runtime)
+    with Worker() as worker:
+        for width in range(1, opts.max_width + 1):
+            row = []
+            for ratio in ratios:
+                info(f"sizing wrn-{opts.depth}-{width}" + (f" pruned {ratio:.0%}" if ratio else ""))
+                cand, net = size_candidate(opts.depth, width, ratio, target, precision, batch, budget * MIB, runs,
+                                           opts, worker)
+                nets[id(cand)] = net
+                row.append(cand)
+            candidates += row
+            if not any(c.fits_memory for c in row):  # wider nets only need more memory; latency never stops it
+                stop = f"nothing at width {width} fits the memory budget"
+                break
     chosen, reason = pick(candidates)
-    if target.runtime != "onnxruntime":
+    if not backend.runs_on_host:
         notes.append(f"latency is a roofline estimate from the {target.name} profile, not a measurement; "
                      f"bench the engine on the device (`edgeres bench`)")
-    if precision == "int8" and target.runtime == "onnxruntime":
+    if precision == "int8" and backend.runs_on_host:
         notes.append("int8 latency: PTQ on random calibration inputs (kernel timing does not depend on values)")
     if any(c.expected_error.source == "unknown" for c in candidates):
         notes.append("expected error unknown where neither --runs nor the published WRN results cover a candidate")

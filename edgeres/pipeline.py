@@ -19,12 +19,13 @@ from torch import nn
 
 from edgeres import artifact_meta, data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
-from edgeres.bench import BenchOptions, artifact_bytes, evaluate_session, host_text, time_runs
+from edgeres.bench import artifact_bytes, evaluate_session, host_text
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.errors import EdgeresError
 from edgeres.hostcpu import describe, has_native_bf16
 from edgeres.io import atomic_dir, atomic_write, check_output_dir, sha256sum
+from edgeres.latency import BenchOptions, Worker
 from edgeres.models.stats import count_macs, count_params
 from edgeres.progress import info
 from edgeres.report import RANDOM_WEIGHTS, ExportReport, VariantRow
@@ -120,37 +121,35 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
 
 
 class _Measure:
-    """Measures every variant the same way: top-1 through the target's runtime, batch-1 latency, batch-64 throughput.
+    """Measures every variant the same way: top-1 through the target's runtime, latency and throughput.
 
-    Runtimes that run here (ONNX Runtime, OpenVINO) compile and run the artifact that ships. A TensorRT
-    engine can only be built on the device, so its ONNX is validated through ONNX Runtime and its latency
-    is left unmeasured.
+    Where the target's runtime runs on this host, the artifact that ships is compiled, evaluated and timed
+    (`edgeres.latency`, in a fresh worker process, as `edgeres bench` would). Elsewhere (a TensorRT engine is
+    built on the device) its ONNX is validated through ONNX Runtime and its latency is left unmeasured.
     """
 
-    def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions, weights: str) -> None:
+    def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions, weights: str,
+                 worker: Worker) -> None:
         self.target, self.test_ds, self.mean, self.std, self.opts = target, test_ds, mean, std, opts
-        self.weights = weights
+        self.weights, self.worker = weights, worker
         self.baseline_error: float | None = None
-        self.runs_here = target.runtime != "tensorrt"
-        self.backend = get_backend(target.runtime if self.runs_here else "onnxruntime")
+        backend = get_backend(target.runtime)
+        self.runs_here = backend.runs_on_host
+        self.backend = backend if self.runs_here else get_backend("onnxruntime")
 
     def row(self, variant: str, precision: str, onnx_path: Path, model: nn.Module, pruned: float) -> VariantRow:
-        suffix = ".xml" if self.backend.name == "openvino" else ".onnx"
-        artifact = self.backend.compile(onnx_path, self.target, onnx_path.with_suffix(suffix))
+        artifact = self.backend.compile(onnx_path, self.target, onnx_path.with_suffix(self.backend.suffix))
         session = self.backend.load(artifact, RuntimeOptions(threads=self.opts.bench.threads))
         result = evaluate_session(self.backend, session, self.test_ds, mean=self.mean, std=self.std,
                                   desc=f"eval {variant}")
+        del session  # its threads must not compete with the measuring worker
         if self.baseline_error is None:
             self.baseline_error = result.top1_error
         p50 = ips = None
         if self.runs_here:
-            shape = (3, model.cfg.input_size, model.cfg.input_size)
-            x1 = torch.randn(1, *shape).numpy()
-            x64 = torch.randn(64, *shape).numpy()
-            b = self.opts.bench
-            run = lambda a: self.backend.run(session, a)  # noqa: E731
-            p50 = time_runs(run, x1, b.warmup, b.runs).p50_ms
-            ips = time_runs(run, x64, max(b.warmup // 4, 2), max(b.runs // 8, 5)).throughput_ips
+            size = model.cfg.input_size
+            rows = self.worker.measure(artifact, self.opts.bench, (3, size, size)).rows
+            p50, ips = rows[0].p50_ms, rows[-1].throughput_ips  # smallest batch's latency, largest's throughput
         if artifact.meta.get("execution", {}).get("bf16_ops"):
             precision = "bf16"  # what really runs, never a bf16 figure under an fp32 label
         return VariantRow(
@@ -159,7 +158,7 @@ class _Measure:
             size_mb=round(artifact_bytes(artifact.path) / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
             top1_error=result.top1_error, top1_error_delta=round(result.top1_error - self.baseline_error, 4),
             top1_accuracy=result.top1_accuracy, eval_images=result.total, file=artifact.path.name,
-            latency_source=f"measured ({artifact.runtime}, this machine)" if self.runs_here
+            latency_source=f"measured ({artifact.runtime}, this machine, fresh worker process)" if self.runs_here
             else f"not measured: build and bench on the {self.target.name} device",
             model=model.cfg.name, weights=self.weights,
         )
@@ -327,19 +326,21 @@ def export(
     if precision == "fp16":
         notes.append("fp16: top-1 is that of the FP32 ONNX through ONNX Runtime; the device builds it as FP16")
     host = None
-    if target.runtime == "tensorrt":
-        notes.append("latency not measured here: on the device run `bash build.sh` then `edgeres bench "
-                     "model.engine` (top-1 above is this exact ONNX through ONNX Runtime)")
+    backend = get_backend(target.runtime)
+    if not backend.runs_on_host:
+        notes.append(f"latency not measured here: on the device run `bash build.sh` then `edgeres bench "
+                     f"model{backend.suffix}` (top-1 above is this exact ONNX through ONNX Runtime)")
     else:
         host = describe()
         host["threads"] = opts.bench.threads or host["cores_available"]
-        notes.append(f"latency measured{host_text(host)}, {host['threads']} threads")
+        notes.append(f"latency measured{host_text(host)}, {host['threads']} threads, in a fresh worker process "
+                     "(as `edgeres bench` measures it)")
 
     meta = _artifact_meta(net, target, test_ds, spec, model_name, weights)
     if random and not meta.weights.get("random_init"):  # a checkpoint that records untrained weights (pruned.pt)
         meta = replace(meta, weights={**meta.weights, "random_init": True})
-    with atomic_dir(out) as tmp:
-        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source)
+    with atomic_dir(out) as tmp, Worker() as worker:
+        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source, worker)
         info(f"[bold]FP32 baseline[/] {cfg.name}")
         export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
         artifact_meta.embed_onnx(tmp / "fp32.onnx", replace(meta, precision="fp32"))
@@ -359,7 +360,7 @@ def export(
         if opts.int8:
             deployed, quant_info = _quantize_stage(work, train_ds, opts, example, tmp)
         deployed.cfg = cfg
-        _write_model_onnx(deployed, tmp, target, cfg.input_size, opts.int8)
+        _write_model_onnx(deployed, tmp / "model.onnx", target, cfg.input_size, opts.int8)
         artifact_meta.embed_onnx(tmp / "model.onnx", replace(meta, precision=precision))
         variant = ("pruned " if opts.prune else "") + precision
         rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
@@ -409,21 +410,14 @@ def _artifact_meta(net: nn.Module, target: targets.Target, test_ds, spec, model_
     )
 
 
-def _write_model_onnx(model: nn.Module, tmp: Path, target: targets.Target, input_size: int, int8: bool) -> None:
-    """model.onnx in the target's flavour (CPU: uint8 after ReLU; TensorRT: int8 only)."""
-    import onnx
+def _write_model_onnx(model: nn.Module, path: Path, target: targets.Target, input_size: int, int8: bool) -> None:
+    """model.onnx: FP32 as exported, INT8 in the Q/DQ dialect of the target's runtime (its backend's flavour)."""
+    from edgeres.export import export_int8, export_onnx
 
-    from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_openvino_flavour, to_tensorrt_flavour
-
-    raw = tmp / "raw.onnx"
-    export_onnx(model, raw, input_size=input_size)
     if int8:
-        flavour = {"cpu": to_cpu_flavour, "tensorrt": to_tensorrt_flavour,
-                   "openvino": to_openvino_flavour}[target.qdq_flavour]
-        save_onnx(flavour(onnx.load(str(raw))), tmp / "model.onnx")
-        raw.unlink()
+        export_int8(model, path, get_backend(target.runtime), input_size=input_size)
     else:
-        os.replace(raw, tmp / "model.onnx")
+        export_onnx(model, path, input_size=input_size)
 
 
 def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precision: str,

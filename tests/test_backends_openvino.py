@@ -18,9 +18,10 @@ from edgeres.backends.openvino import (  # noqa: E402
     ir_precision,
 )
 from edgeres.backends.ort import OrtBackend  # noqa: E402
-from edgeres.bench import BenchOptions, artifact_from_path, bench_artifact  # noqa: E402
+from edgeres.bench import artifact_from_path, bench_artifact  # noqa: E402
 from edgeres.compress.quantize import ptq, strip  # noqa: E402
 from edgeres.errors import ExportError, TargetError  # noqa: E402
+from edgeres.latency import BenchOptions  # noqa: E402
 from edgeres.models import create  # noqa: E402
 
 X = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))

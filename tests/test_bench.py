@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from edgeres import models
-from edgeres.bench import BenchOptions, bench_path, time_runs
+from edgeres.bench import bench_path
 from edgeres.errors import EdgeresError
 from edgeres.export import export_onnx
+from edgeres.latency import BenchOptions, time_runs
 
 
 def test_time_runs_percentiles_are_ordered():

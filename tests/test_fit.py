@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from edgeres import models
-from edgeres.bench import BenchOptions
 from edgeres.errors import EdgeresError, TargetError
 from edgeres.fit import (
     MIB,
@@ -19,6 +18,7 @@ from edgeres.fit import (
     pick,
     read_runs,
 )
+from edgeres.latency import BenchOptions
 
 
 def _cand(width, total_mib, *, latency=None, error=None, budget=10.0, limit=None, prune=0.0):
@@ -193,3 +193,15 @@ def test_train_the_pick_on_synthetic_data(tmp_path):
     assert (tmp_path / r.pick.model / "history.json").is_file()
     assert "trained err %" in r.table_rows()[0]
     assert any("synthetic" in n for n in r.notes)
+
+
+def test_every_host_runtime_is_measured_and_latency_never_stops_the_search():
+    """cpu-openvino runs here: measured through OpenVINO, and widths go on until memory stops them."""
+    pytest.importorskip("openvino")
+    r = fit_wrn(FitOptions(depth=10, budget_mb=64, target="cpu-openvino", precision="int8", batch=1,
+                           latency_ms=1e-6, max_width=2, bench=BenchOptions(batch_sizes=(1,), warmup=1, runs=3)))
+    assert [c.width for c in r.candidates] == [1, 2]  # nothing meets 1 ns, and still k=2 was sized
+    assert all(c.latency.source == "measured" and c.latency.ms > 0 and "openvino" in c.latency.method
+               for c in r.candidates)
+    assert r.pick is None and "latency" in r.pick_reason
+    assert not any("roofline" in n for n in r.notes)

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from edgeres import pipeline
-from edgeres.bench import BenchOptions
 from edgeres.errors import EdgeresError, TargetError
+from edgeres.latency import BenchOptions
 
 FAST = BenchOptions(batch_sizes=(1, 64), warmup=1, runs=5)
 REQUIRED = {"variant", "target", "precision", "pruned", "params", "macs", "size_mb", "latency_ms_p50",
@@ -177,3 +177,30 @@ def test_openvino_target_exports_ir_measured_through_openvino(tmp_path):
     assert int8.runtime == "openvino" and int8.file == "model.xml" and fp32.precision == "fp32"
     assert int8.size_mb <= 0.45 * fp32.size_mb and int8.latency_ms_p50 > 0
     assert json.loads((out / "manifest.json").read_text())["validation"]["runtime"] == "openvino"
+
+
+def test_export_latency_is_measured_as_bench_measures_it(tmp_path, monkeypatch):
+    """export's latency column and `edgeres bench` on the same model.onnx: one function, in a fresh worker."""
+    from edgeres import latency
+    from edgeres.bench import bench_path
+
+    calls = []
+    real = latency.Worker.measure
+
+    def spy(self, artifact, options, input_shape):
+        m = real(self, artifact, options, input_shape)
+        calls.append((artifact.path.name, options.warmup, options.runs, m))
+        return m
+
+    monkeypatch.setattr(latency.Worker, "measure", spy)
+    report = pipeline.export("resnet20", data_spec="synthetic", out=tmp_path / "r20",
+                             options=pipeline.ExportOptions(eval_limit=16, bench=FAST, random_init=True))
+    row = report.rows[-1]
+    name, warmup, runs, m = calls[-1]
+    assert name == "model.onnx" and m.fresh_process and row.latency_ms_p50 == m.at(1).p50_ms
+    assert "fresh worker process" in row.latency_source
+    bench = bench_path(tmp_path / "r20" / "model.onnx", latency.BenchOptions(batch_sizes=(1,), warmup=warmup,
+                                                                             runs=runs))
+    assert calls[-1][0] == "model.onnx" and calls[-1][3].fresh_process
+    # same file, same measurement: only machine noise separates the figures (2 shared cores here)
+    assert 1 / 3 < bench.rows[0].p50_ms / row.latency_ms_p50 < 3

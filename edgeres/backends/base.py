@@ -42,6 +42,10 @@ class RuntimeOptions:
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    suffix: str  # the artifact's file suffix: ".onnx", ".xml", ".engine"
+    runs_on_host: bool  # can this machine load and time its artifacts?
+
+    def flavour(self, qdq: Any) -> Any: ...  # onnx.ModelProto in the exporter's Q/DQ -> this runtime's dialect
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact: ...
 
@@ -60,6 +64,18 @@ _BACKENDS = {
 
 def list_backends() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def host_runtimes() -> list[str]:
+    """The runtimes whose artifacts this machine can load and time: the one answer to "what runs here"."""
+    names = []
+    for runtime in list_backends():
+        try:
+            if get_backend(runtime).runs_on_host:
+                names.append(runtime)
+        except TargetError:  # its library is not installed
+            continue
+    return names
 
 
 def get_backend(runtime: str) -> Backend:

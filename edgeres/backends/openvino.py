@@ -193,16 +193,28 @@ class OpenVINOBackend:
     """OpenVINO CPU plugin; artifacts are IR pairs (model.xml + model.bin)."""
 
     name = "openvino"
+    suffix = ".xml"  # with its .bin beside it
 
     def __init__(self) -> None:
         self._ov = import_openvino()  # fail at get_backend("openvino"), before any long calibration
         self._core = None
 
     @property
+    def runs_on_host(self) -> bool:
+        """OpenVINO is installed (the constructor checked) and its CPU plugin sees this CPU."""
+        return DEVICE in self.core.available_devices
+
+    @property
     def core(self):
         if self._core is None:
             self._core = self._ov.Core()
         return self._core
+
+    def flavour(self, qdq):
+        """The exporter's symmetric int8 Q/DQ ONNX in this runtime's dialect (`export.to_openvino_flavour`)."""
+        from edgeres.export import to_openvino_flavour
+
+        return to_openvino_flavour(qdq)
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact:
         """Convert `onnx` (FP32 or Q/DQ) to IR at `out` (.xml; the .bin lands beside it) and check it loads."""

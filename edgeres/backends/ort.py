@@ -7,6 +7,7 @@ ORT's fully optimized graph is machine-specific (NCHWc layouts), so it is built 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,6 +80,18 @@ class OrtBackend:
     """ONNX Runtime CPU execution provider."""
 
     name = "onnxruntime"
+    suffix = ".onnx"
+
+    @property
+    def runs_on_host(self) -> bool:
+        """The CPU execution provider runs wherever ONNX Runtime is installed."""
+        return importlib.util.find_spec("onnxruntime") is not None
+
+    def flavour(self, qdq):
+        """The exporter's symmetric int8 Q/DQ ONNX in this runtime's dialect (`export.to_cpu_flavour`)."""
+        from edgeres.export import to_cpu_flavour
+
+        return to_cpu_flavour(qdq)
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact:
         """Copy the (flavoured) ONNX to `out` after checking ORT loads it; the artifact records its facts."""

@@ -633,11 +633,25 @@ class TensorRTBackend:
     """Backend contract for TensorRT: compile builds an engine, load deserializes it, run executes it."""
 
     name = "tensorrt"
+    suffix = ".engine"
 
     def __init__(self, *, precision: str | None = None, workspace_mb: int | None = None,
                  dla_core: int | None = None, calib_cache: str | os.PathLike | None = None) -> None:
         self.precision, self.workspace_mb = precision, workspace_mb
         self.dla_core, self.calib_cache = dla_core, calib_cache
+
+    @property
+    def runs_on_host(self) -> bool:
+        """TensorRT is installed and a CUDA GPU answers (on the device; never on a plain x86 host)."""
+        import importlib.util
+
+        return importlib.util.find_spec("tensorrt") is not None and _gpu_from_driver() is not None
+
+    def flavour(self, qdq):
+        """The exporter's symmetric int8 Q/DQ ONNX in this runtime's dialect (`export.to_tensorrt_flavour`)."""
+        from edgeres.export import to_tensorrt_flavour
+
+        return to_tensorrt_flavour(qdq)
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact:
         from edgeres.backends.base import Artifact
