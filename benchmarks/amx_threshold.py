@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from wrn_gap import write_int8_onnx
 
+    from edgeres.backends.ort import AMX_MIN_K, AMX_MIN_OUT, amx_conv_weights
     from edgeres.compress.quantize import ptq
-    from edgeres.export import AMX_MIN_K, AMX_MIN_OUT, amx_conv_weights, save_onnx
+    from edgeres.export import save_onnx
     from edgeres.hostcpu import has_amx_int8
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -32,7 +32,8 @@ import torch
 from edgeres import data, targets
 from edgeres import export as E
 from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
-from edgeres.backends.openvino import ir_bytes
+from edgeres.backends.openvino import ir_bytes, to_openvino_flavour
+from edgeres.backends.ort import to_cpu_flavour
 from edgeres.bench import evaluate_session, speed_ratio
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
@@ -54,8 +55,8 @@ def build(model_name: str, tmp: Path, weights: str | None = None
     E.export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
     raw = onnx.load(str(E.export_onnx(strip(ptq(net, calib, example_input=example), example), tmp / "raw.onnx",
                                       input_size=cfg.input_size)))
-    E.save_onnx(E.to_cpu_flavour(raw), tmp / "int8_cpu.onnx")
-    E.save_onnx(E.to_openvino_flavour(raw), tmp / "int8_openvino.onnx")
+    E.save_onnx(to_cpu_flavour(raw), tmp / "int8_cpu.onnx")
+    E.save_onnx(to_openvino_flavour(raw), tmp / "int8_openvino.onnx")
     native = nncf.quantize(ov.convert_model(str(tmp / "fp32.onnx")), nncf.Dataset([b.numpy() for b in calib]),
                            subset_size=len(calib))  # items are batches: all calibration images
     ov.save_model(native, str(tmp / "nncf_native.xml"), compress_to_fp16=False)

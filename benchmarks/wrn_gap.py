@@ -46,8 +46,10 @@ def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, amx: bool
     of the same export there (what `--target cpu-openvino` ships)."""
     import onnx
 
+    from edgeres.backends.openvino import to_openvino_flavour
+    from edgeres.backends.ort import amx_conv_weights, to_cpu_flavour
     from edgeres.compress.quantize import strip
-    from edgeres.export import amx_conv_weights, export_onnx, save_onnx, to_cpu_flavour, to_openvino_flavour
+    from edgeres.export import export_onnx, save_onnx
 
     example = torch.zeros(1, 3, input_size, input_size)
     raw = path.with_name(path.stem + ".raw.onnx")

@@ -99,9 +99,9 @@ def input_shape_of(path: Path) -> list[int]:
         except (ValueError, TypeError, AttributeError) as exc:
             raise EdgeresError(f"{manifest} is not an edgeres export manifest ({exc}); export again") from exc
     if path.suffix == ".onnx":
-        from edgeres.check import load_model
+        from edgeres.onnxgraph import load
 
-        dims = load_model(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        dims = load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
         shape = [d.dim_value for d in dims[1:]]
         if shape and all(v > 0 for v in shape):
             return shape

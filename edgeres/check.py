@@ -9,14 +9,15 @@ that Conv + Add fuse.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from edgeres import onnxgraph
 from edgeres.errors import ExportError
+from edgeres.onnxgraph import QDQ, GraphView, attr
 
 if TYPE_CHECKING:
     import onnx
@@ -43,7 +44,6 @@ _OPS_SINCE_8_5 = {
     "RandomNormal", "RandomUniform", "MeanVarianceNormalization", "RoiAlign", "Mod", "Trilu", "GridSample",
     "NonZero",
 }
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -90,81 +90,8 @@ class CheckReport:
 # --- graph view ---------------------------------------------------------------------------------------
 
 
-class GraphView:
-    """Producers, consumers and constant values of one ONNX graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        from onnx import numpy_helper
-
-        self.model = model
-        self.graph = model.graph
-        self.nodes = list(model.graph.node)
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.label: dict[int, str] = {}
-        for i, node in enumerate(self.nodes):
-            self.label[id(node)] = node.name or f"{node.op_type}#{i}"
-            for out in node.output:
-                self.producer[out] = node
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            if node.op_type == "Constant":
-                for a in node.attribute:
-                    if a.name == "value":
-                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
-            elif node.op_type == "Identity" and node.input[0] in self.consts:
-                self.consts[node.output[0]] = self.consts[node.input[0]]   # the TorchScript exporter's habit
-
-    def name(self, node: onnx.NodeProto) -> str:
-        return self.label[id(node)]
-
-    def of_type(self, *ops: str) -> Iterator[onnx.NodeProto]:
-        return (n for n in self.nodes if n.op_type in ops)
-
-    def const(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
-        if index < len(node.input) and node.input[index]:
-            return self.consts.get(node.input[index])
-        return None
-
-    def has_qdq(self) -> bool:
-        return any(n.op_type in _QDQ for n in self.nodes)
-
-    def is_weight(self, dq: onnx.NodeProto) -> bool:
-        """True for a DequantizeLinear on a constant, directly or through its QuantizeLinear."""
-        src = dq.input[0]
-        if src in self.consts:
-            return True
-        q = self.producer.get(src)
-        return q is not None and q.op_type == "QuantizeLinear" and q.input[0] in self.consts
-
-    def source(self, tensor: str) -> onnx.NodeProto | None:
-        """Producer of `tensor`, looking through BatchNormalization / Identity."""
-        node = self.producer.get(tensor)
-        while node is not None and node.op_type in ("BatchNormalization", "Identity"):
-            node = self.producer.get(node.input[0])
-        return node
-
-    def behind_qdq(self, tensor: str) -> str | None:
-        """If `tensor` is DQ(Q(t)), return t."""
-        dq = self.producer.get(tensor)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            return None
-        q = self.producer.get(dq.input[0])
-        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 # --- rules ---------------------------------------------------------------------------------------------
@@ -218,7 +145,7 @@ def _per_channel(g: GraphView, target: Target) -> Iterator[Finding]:
         weight = g.consts.get(dq.input[0])
         if weight is None:
             weight = g.consts[g.producer[dq.input[0]].input[0]]
-        axis = _attr(dq, "axis", 1)
+        axis = attr(dq, "axis", 1)
         axis = axis + weight.ndim if axis < 0 else axis
         users = g.consumers.get(dq.output[0], [])
         expected = _output_channel_axis(users[0], weight.ndim) if users else 0
@@ -232,14 +159,14 @@ def _output_channel_axis(consumer: onnx.NodeProto, rank: int) -> int:
     if consumer.op_type == "MatMul":
         return rank - 1
     if consumer.op_type == "Gemm":
-        return 0 if _attr(consumer, "transB", 0) else 1
+        return 0 if attr(consumer, "transB", 0) else 1
     if consumer.op_type == "ConvTranspose":
         return 1
     return 0
 
 
 def _qdq_types(g: GraphView, target: Target) -> Iterator[Finding]:
-    for node in g.of_type(*_QDQ):
+    for node in g.of_type(*QDQ):
         zp = g.const(node, 2)
         if zp is not None:
             unsigned = zp.dtype == np.uint8
@@ -247,7 +174,7 @@ def _qdq_types(g: GraphView, target: Target) -> Iterator[Finding]:
             continue   # a zero point computed at run time: its type cannot be read here
         elif node.op_type == "QuantizeLinear":
             # No zero point: uint8 unless opset 21's output_dtype says otherwise (ONNX spec).
-            unsigned = _attr(node, "output_dtype", 0) in (0, 2)  # 2 = TensorProto.UINT8
+            unsigned = attr(node, "output_dtype", 0) in (0, 2)  # 2 = TensorProto.UINT8
         else:
             x = g.const(node, 0)
             unsigned = x is not None and x.dtype == np.uint8
@@ -320,31 +247,12 @@ _TENSORRT_RULES: tuple[Rule, ...] = (_qdq_types, _residual_qdq, _fp32_between_qd
 def check_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, target: Target | str) -> CheckReport:
     """Lint a model for `target` (a Target or its name); TensorRT rules apply to TensorRT targets."""
     if isinstance(target, str):
-        from edgeres.targets import load
+        from edgeres import targets
 
-        target = load(target)
-    model = load_model(path_or_model)
+        target = targets.load(target)
+    model = onnxgraph.load(path_or_model)
     g = GraphView(model)
     rules = _GENERIC_RULES + (_TENSORRT_RULES if target.runtime == "tensorrt" else ())
     return CheckReport([f for rule in rules for f in rule(g, target)])
 
 
-def load_model(path_or_model: str | os.PathLike | onnx.ModelProto, *,
-               load_external_data: bool = True) -> onnx.ModelProto:
-    """The ONNX model in a file; ExportError (one line) for a missing, corrupt, truncated or empty one."""
-    import onnx
-
-    if isinstance(path_or_model, onnx.ModelProto):
-        return path_or_model
-    path = os.fspath(path_or_model)
-    if not os.path.isfile(path):
-        raise ExportError(f"ONNX file {path} not found; export the model first (edgeres export)")
-    try:
-        model = onnx.load(path, load_external_data=load_external_data)
-    except Exception as exc:  # onnx raises DecodeError / ValueError / OSError for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ExportError(f"{path} is not a readable ONNX model ({first}); export it again") from exc
-    if not model.graph.node or not model.graph.input or not model.graph.output:
-        # protobuf reads many byte strings (an empty file among them) as a model with no graph
-        raise ExportError(f"{path} is not an ONNX model (no graph inside); export it again")
-    return model

@@ -142,9 +142,9 @@ def write_bundle_extras(
     dla = target.has_dla and precision in ("int8", "fp16")
     cache = None
     if dla:
-        from edgeres.check import load_model
+        from edgeres.onnxgraph import load
 
-        model = load_model(onnx_path)
+        model = load(onnx_path)
         with atomic_write(bundle / noqdq_name(onnx_name)) as tmp:
             tmp.write_bytes(trt_backend.strip_qdq(model).SerializeToString())
         written.append(bundle / noqdq_name(onnx_name))
@@ -189,9 +189,9 @@ def _full_shape(input_shape: Sequence[int], batch: int) -> tuple[int, ...]:
 
 def _shapes_flag(onnx_path: Path, shape: tuple[int, ...]) -> str | None:
     """`--shapes` value when the ONNX input has a dynamic batch (trtexec needs the shape to build)."""
-    from edgeres.check import load_model
+    from edgeres.onnxgraph import load
 
-    inp = load_model(onnx_path).graph.input[0]
+    inp = load(onnx_path).graph.input[0]
     dims = inp.type.tensor_type.shape.dim
     if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
         return None

@@ -16,13 +16,18 @@ from edgeres.backends.openvino import (  # noqa: E402
     bin_path,
     describe_precision,
     ir_precision,
+    to_openvino_flavour,  # noqa: E402
 )
-from edgeres.backends.ort import OrtBackend  # noqa: E402
+from edgeres.backends.ort import (
+    OrtBackend,  # noqa: E402
+    to_cpu_flavour,  # noqa: E402
+)
 from edgeres.bench import artifact_from_path, bench_artifact  # noqa: E402
 from edgeres.compress.quantize import ptq, strip  # noqa: E402
 from edgeres.errors import ExportError, TargetError  # noqa: E402
 from edgeres.latency import BenchOptions  # noqa: E402
 from edgeres.models import create  # noqa: E402
+from edgeres.onnxgraph import attr, qdq_summary  # noqa: E402
 
 X = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -43,7 +48,7 @@ def files(tmp_path_factory, target):
     raw = onnx.load(str(E.export_onnx(stripped, tmp / "raw.onnx", input_size=32)))
     onnx_files = {
         "fp32": E.export_onnx(model, tmp / "fp32.onnx", input_size=32),
-        "int8": E.save_onnx(E.to_openvino_flavour(raw), tmp / "int8.onnx"),
+        "int8": E.save_onnx(to_openvino_flavour(raw), tmp / "int8.onnx"),
     }
     backend = OpenVINOBackend()
     arts = {k: backend.compile(p, target, tmp / "ir" / f"{k}.xml") for k, p in onnx_files.items()}
@@ -118,7 +123,7 @@ def test_describe_precision_sees_bf16_when_the_plugin_picks_it(files):
 
 
 def test_openvino_flavour_is_uint8_after_relu_only(files):
-    rows = E.qdq_summary(E.to_openvino_flavour(files["raw"]))
+    rows = qdq_summary(to_openvino_flavour(files["raw"]))
     acts = [r for r in rows if r["op"] == "QuantizeLinear"]
     assert {r["dtype"] for r in acts if r["source_op"] == "Relu"} == {"uint8"}  # ReLU (and pooling of it)
     assert {r["dtype"] for r in acts if r["source_op"] in ("Conv", "Add", "input")} == {"int8"}  # signed stays int8
@@ -175,11 +180,11 @@ class TestOpenVINOContract(BackendContract):
 def test_openvino_flavour_hands_bns_back_as_mul_add(files):
     """BN-as-depthwise-conv becomes Mul/Add; its input's quantization is dropped only where it fed nothing else."""
     raw = files["raw"]
-    cpu = E.to_cpu_flavour(raw)  # keeps the depthwise convs
-    ov_flavour = E.to_openvino_flavour(raw)
-    depthwise = [n for n in cpu.graph.node if n.op_type == "Conv" and E._attr(n, "group", 1) > 1]
+    cpu = to_cpu_flavour(raw)  # keeps the depthwise convs
+    ov_flavour = to_openvino_flavour(raw)
+    depthwise = [n for n in cpu.graph.node if n.op_type == "Conv" and attr(n, "group", 1) > 1]
     assert len(depthwise) == 4  # wrn-10-1's unfoldable BNs
-    assert not [n for n in ov_flavour.graph.node if n.op_type == "Conv" and E._attr(n, "group", 1) > 1]
+    assert not [n for n in ov_flavour.graph.node if n.op_type == "Conv" and attr(n, "group", 1) > 1]
     assert sum(n.op_type == "Mul" for n in ov_flavour.graph.node) == 4
     q = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph.node)  # noqa: E731
     assert 0 < q(cpu) - q(ov_flavour) < 4  # single-use sums lose their quantizer, shared ones keep it

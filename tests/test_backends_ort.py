@@ -5,7 +5,8 @@ import torch
 
 from edgeres import export as E
 from edgeres.backends import Artifact, RuntimeOptions, get_backend, list_backends
-from edgeres.backends.ort import OrtBackend, optimized_op_types, precision_of
+from edgeres.backends.ort import OrtBackend, optimized_op_types, precision_of, to_cpu_flavour
+from edgeres.backends.tensorrt import to_tensorrt_flavour
 from edgeres.compress.quantize import ptq, strip
 from edgeres.errors import ExportError, TargetError
 from edgeres.models import create
@@ -30,8 +31,8 @@ def files(tmp_path_factory):
         ref = stripped(X).numpy()
     return {
         "fp32": fp32,
-        "cpu": E.save_onnx(E.to_cpu_flavour(qdq), tmp / "cpu.onnx"),
-        "trt": E.save_onnx(E.to_tensorrt_flavour(qdq), tmp / "trt.onnx"),
+        "cpu": E.save_onnx(to_cpu_flavour(qdq), tmp / "cpu.onnx"),
+        "trt": E.save_onnx(to_tensorrt_flavour(qdq), tmp / "trt.onnx"),
         "ref": ref,
         "tmp": tmp,
     }

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from edgeres import export as E
+from edgeres.backends.ort import amx_conv_weights, to_cpu_flavour
+from edgeres.backends.tensorrt import to_tensorrt_flavour
 from edgeres.compress.quantize import ptq, strip
 from edgeres.errors import ExportError
 from edgeres.models import create
+from edgeres.onnxgraph import qdq_summary
 
 X = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -60,8 +63,8 @@ def test_unstripped_export_fails_readably(tmp_path):
 
 
 def test_cpu_flavour_format(exported):
-    cpu = E.to_cpu_flavour(onnx.load(str(exported["qdq"])))
-    rows = E.qdq_summary(cpu)
+    cpu = to_cpu_flavour(onnx.load(str(exported["qdq"])))
+    rows = qdq_summary(cpu)
     assert not any(r["op"] == "QuantizeLinear" and r["weight"] for r in rows), "weights are stored as int8"
     weights = [r for r in rows if r["weight"] and r["dtype"] == "int8"]
     assert weights and all(r["zero_points"] == [0] and r["axis"] == 0 for r in weights)
@@ -83,7 +86,7 @@ def test_cpu_flavour_leaves_ort_no_fp32_island(exported):
     """DQ moved past Slice/Pad/Flatten, WRN's unfoldable BNs quantized as depthwise convs: ORT fuses everything."""
     from edgeres.backends.ort import optimized_op_types
 
-    path = E.save_onnx(E.to_cpu_flavour(onnx.load(str(exported["qdq"]))), exported["tmp"] / "cpu_fused.onnx")
+    path = E.save_onnx(to_cpu_flavour(onnx.load(str(exported["qdq"]))), exported["tmp"] / "cpu_fused.onnx")
     ops = optimized_op_types(path)
     assert ops["QGemm"] == 1, ops
     assert not {"Add", "Mul", "BatchNormalization", "Conv", "Gemm"} & set(ops), ops
@@ -91,10 +94,10 @@ def test_cpu_flavour_leaves_ort_no_fp32_island(exported):
 
 
 def test_amx_conv_weights_is_exact(exported):
-    cpu = E.to_cpu_flavour(onnx.load(str(exported["qdq"])))
-    amx, changed = E.amx_conv_weights(cpu, min_k=1, min_out=1)  # every conv, whatever this CPU has
+    cpu = to_cpu_flavour(onnx.load(str(exported["qdq"])))
+    amx, changed = amx_conv_weights(cpu, min_k=1, min_out=1)  # every conv, whatever this CPU has
     assert changed >= 5
-    zero_points = [r for r in E.qdq_summary(amx) if r["weight"] and r["zero_points"] == [-1]]
+    zero_points = [r for r in qdq_summary(amx) if r["weight"] and r["zero_points"] == [-1]]
     assert len(zero_points) == changed
     a = E.save_onnx(cpu, exported["tmp"] / "cpu_sym.onnx")
     b = E.save_onnx(amx, exported["tmp"] / "cpu_amx.onnx")
@@ -102,9 +105,9 @@ def test_amx_conv_weights_is_exact(exported):
 
 
 def test_tensorrt_flavour_format(exported):
-    trt = E.to_tensorrt_flavour(onnx.load(str(exported["qdq"])))
+    trt = to_tensorrt_flavour(onnx.load(str(exported["qdq"])))
     onnx.checker.check_model(trt)
-    rows = E.qdq_summary(trt)
+    rows = qdq_summary(trt)
     assert rows and all(r["dtype"] == "int8" and r["zero_points"] == [0] for r in rows)
     assert all(r["axis"] == 0 for r in rows if r["weight"] and r["scales"] > 1)
     assert not any(r["op"] == "QuantizeLinear" and r["weight"] for r in rows)
@@ -118,16 +121,16 @@ def test_tensorrt_flavour_format(exported):
 
 
 def test_tensorrt_flavour_rejects_uint8(exported):
-    cpu = E.to_cpu_flavour(onnx.load(str(exported["qdq"])))
+    cpu = to_cpu_flavour(onnx.load(str(exported["qdq"])))
     with pytest.raises(ExportError, match="signed activations"):
-        E.to_tensorrt_flavour(cpu)
+        to_tensorrt_flavour(cpu)
 
 
 def test_flavours_shrink_and_agree_with_torch(exported):
     tmp, ref = exported["tmp"], exported["ref"]
     fp32_bytes = exported["fp32"].stat().st_size
     qdq = onnx.load(str(exported["qdq"]))
-    for flavour in (E.to_cpu_flavour, E.to_tensorrt_flavour):
+    for flavour in (to_cpu_flavour, to_tensorrt_flavour):
         path = E.save_onnx(flavour(qdq), tmp / f"{flavour.__name__}.onnx")
         assert path.stat().st_size <= 0.32 * fp32_bytes  # wrn-16-1 is tiny: fixed Q/DQ metadata
         out = _run(path, X)
@@ -150,7 +153,7 @@ def test_pretrained_resnet20_int8_through_ort_keeps_accuracy(cifar_train, cifar_
     stripped = strip(ptq(model, calib, example_input=example), example)
     fp32_path = E.export_onnx(model, tmp_path / "fp32.onnx", input_size=32)
     qdq = onnx.load(str(E.export_onnx(stripped, tmp_path / "qdq.onnx", input_size=32)))
-    cpu_path = E.save_onnx(E.to_cpu_flavour(qdq), tmp_path / "cpu.onnx")
+    cpu_path = E.save_onnx(to_cpu_flavour(qdq), tmp_path / "cpu.onnx")
     assert cpu_path.stat().st_size <= 0.3 * fp32_path.stat().st_size
 
     def top1(path):

@@ -4,9 +4,10 @@ import onnx
 import torch
 
 from edgeres import calibration, checkpoint
-from edgeres.backends.ort import OrtBackend
+from edgeres.backends.ort import OrtBackend, to_cpu_flavour
+from edgeres.backends.tensorrt import to_tensorrt_flavour
 from edgeres.bench import evaluate_session
-from edgeres.export import export_onnx, save_onnx, to_cpu_flavour, to_tensorrt_flavour
+from edgeres.export import export_onnx, save_onnx
 
 
 def _session(path):

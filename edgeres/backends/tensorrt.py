@@ -8,6 +8,10 @@ the device. Precision handling follows the TensorRT found there (NOTES-jetson, s
   `--stronglyTyped` is a no-op [MIG11].
 DLA INT8 needs implicit quantization (a calibration cache) [DLA-CN][I2222]; DLA builds exist up to
 TensorRT 10.7 on JetPack [TRT11-DLA], so the DLA path is limited to TensorRT <= 10.7.
+
+Its Q/DQ dialect (`to_tensorrt_flavour`, `TensorRTBackend.flavour`): int8 only, zero point 0, per-channel
+weights on axis 0, and the residual Add quantized on its identity input instead of on the conv branch, so
+conv + add fuse.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from edgeres.errors import EdgeresError, ExportError, TargetError
 from edgeres.io import atomic_write, made_by_edgeres, sha256sum
+from edgeres.onnxgraph import Graph, attr, is_weight_dq, short_tensor_names, store_int8_weights, zero_point
 from edgeres.targets import Target, parse_version
 
 if TYPE_CHECKING:
@@ -288,10 +293,10 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx as onnx_mod
     from onnx import helper, numpy_helper
 
-    from edgeres.check import GraphView, load_model
+    from edgeres.onnxgraph import GraphView, load
 
     out = onnx_mod.ModelProto()
-    out.CopyFrom(load_model(model))
+    out.CopyFrom(load(model))
     g = GraphView(out)
     drop: set[int] = set()
     rename: dict[str, str] = {}
@@ -350,9 +355,9 @@ def scales_from_qdq_onnx(model: onnx.ModelProto | str | os.PathLike) -> dict[str
     Each QuantizeLinear on an activation gives its input tensor a scale; scales then spread through
     ops that keep the range (Relu, MaxPool, Reshape, ...), as NVIDIA's Q/DQ-Translator does.
     """
-    from edgeres.check import GraphView, load_model
+    from edgeres.onnxgraph import GraphView, load
 
-    model = load_model(model)
+    model = load(model)
     g = GraphView(model)
     scales: dict[str, float] = {}
     for q in g.of_type("QuantizeLinear"):
@@ -382,6 +387,93 @@ def scales_from_qdq_onnx(model: onnx.ModelProto | str | os.PathLike) -> dict[str
             elif dst in scales and src not in scales and src not in stripped.consts:
                 scales[src], changed = scales[dst], True
     return scales
+
+
+# --- the Q/DQ dialect TensorRT's explicit quantization wants ---------------------------------------
+
+_GRID_PRESERVING = {"MaxPool", "GlobalMaxPool", "Slice", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze",
+                    "Unsqueeze", "Identity"}
+
+
+def _trace_to_dq(gr: Graph, name: str):
+    """The DequantizeLinear a tensor comes from through grid-preserving ops (slice, pad, reshape...)."""
+    while True:
+        node = gr.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "DequantizeLinear":
+            return node
+        if node.op_type not in _GRID_PRESERVING:
+            return None
+        if node.op_type == "Pad" and (attr(node, "mode", b"constant") not in (b"constant", "constant")
+                                      or (len(node.input) > 2 and node.input[2]
+                                          and np.any(gr.const(node.input[2]) != 0))):
+            return None
+        name = node.input[0]
+
+
+def _conv_branch(gr: Graph, add, i: int):
+    """(Q, DQ) between a Conv and input `i` of `add`, when each tensor on that path has one reader."""
+    dq = gr.producer.get(add.input[i])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(gr.consumers[dq.output[0]]) != 1:
+        return None
+    q = gr.producer.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(gr.consumers[q.output[0]]) != 1:
+        return None
+    conv = gr.producer.get(q.input[0])
+    if conv is None or conv.op_type != "Conv" or len(gr.consumers[q.input[0]]) != 1:
+        return None
+    return q, dq
+
+
+def _move_add_qdq_to_identity(gr: Graph) -> int:
+    """NVIDIA's residual rule: drop Q/DQ on the conv branch of an Add, keep/insert it on the identity."""
+    import onnx
+
+    moved = 0
+    for add in [n for n in gr.g.node if n.op_type == "Add" and len(n.input) == 2]:
+        for branch in (0, 1):  # prefer input 0: blocks compute `out + identity`
+            pair = _conv_branch(gr, add, branch)
+            src = _trace_to_dq(gr, add.input[1 - branch]) if pair else None
+            if pair is None or src is None:
+                continue
+            q, dq = pair
+            add.input[branch] = q.input[0]
+            gr.g.node.remove(q)
+            gr.g.node.remove(dq)
+            ident = add.input[1 - branch]
+            if gr.producer[ident] is not src:  # identity reaches the Add through slice/pad: re-quantize there
+                qo, do = gr.unique(f"{ident}_residual_q"), gr.unique(f"{ident}_residual_dq")
+                args = [ident, src.input[1]] + ([src.input[2]] if len(src.input) > 2 else [])
+                gr.insert_before(add, onnx.helper.make_node("QuantizeLinear", args, [qo], name=qo))
+                gr.insert_before(add, onnx.helper.make_node("DequantizeLinear", [qo, *args[1:]], [do], name=do))
+                add.input[1 - branch] = do
+            moved += 1
+            gr.refresh()
+            break
+    gr.prune_unused()
+    return moved
+
+
+def to_tensorrt_flavour(onnx_model):
+    """Q/DQ layout for TensorRT explicit quantization: int8 only, zp 0, per-channel weights on axis 0."""
+    model = store_int8_weights(onnx_model)
+    gr = Graph(model)
+    for node in gr.g.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ExportError(f"op {node.domain}::{node.op_type} is not standard ONNX; export a stripped model")
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = zero_point(gr, node)
+        if zp.dtype != np.int8 or np.any(zp != 0):
+            raise ExportError(
+                f"{node.op_type} {node.name!r} is {zp.dtype} with zero point {zp.max()}; TensorRT needs int8 "
+                "zero point 0: quantize with signed activations (QuantizeOptions(signed_activations=True))"
+            )
+        if is_weight_dq(gr, node) and gr.const(node.input[1]).size > 1 and attr(node, "axis", 1) != 0:
+            raise ExportError(f"per-channel weight scales of {node.name!r} are not on axis 0")
+    _move_add_qdq_to_identity(gr)
+    return short_tensor_names(model)
 
 
 # --- device identity and engine fingerprints -----------------------------------------------------------
@@ -607,9 +699,9 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
 
 def _default_precision(onnx: Path, target: Target) -> str:
     """int8 for a Q/DQ model (explicit quantization), else fp16 where the target has it."""
-    from edgeres.check import load_model
+    from edgeres.onnxgraph import load
 
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in load_model(onnx).graph.node):
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in load(onnx).graph.node):
         return "int8"
     return "fp16" if target.supports("fp16") else "fp32"
 
@@ -648,9 +740,7 @@ class TensorRTBackend:
         return importlib.util.find_spec("tensorrt") is not None and _gpu_from_driver() is not None
 
     def flavour(self, qdq):
-        """The exporter's symmetric int8 Q/DQ ONNX in this runtime's dialect (`export.to_tensorrt_flavour`)."""
-        from edgeres.export import to_tensorrt_flavour
-
+        """The exporter's symmetric int8 Q/DQ ONNX in this runtime's dialect (`to_tensorrt_flavour`)."""
         return to_tensorrt_flavour(qdq)
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact:
