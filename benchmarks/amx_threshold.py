@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-RULES = ((256, 64), (256, 128), (1024, 128))  # (min_k, min_out); edgeres.export.AMX_MIN_* is the default
+RULES = ((256, 64), (256, 128), (1024, 128))  # (min_k, min_out); edgeres.backends.ort.AMX_MIN_* is the default
 
 
 def main(argv: list[str] | None = None) -> int:
