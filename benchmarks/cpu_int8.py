@@ -143,11 +143,10 @@ def _ort_engine(key: str, label: str, precision: str, path: Path, threads: int, 
     from wrn_gap import graph_summary
 
     if edgeres_backend:
-        from edgeres.backends.base import RuntimeOptions
+        from edgeres.backends.base import RuntimeOptions, open_artifact
         from edgeres.backends.ort import OrtBackend
-        from edgeres.bench import artifact_from_path
 
-        session = OrtBackend().load(artifact_from_path(path), RuntimeOptions(threads=threads))
+        session = OrtBackend().load(open_artifact(path), RuntimeOptions(threads=threads))
     else:
         session = _ort_session(path, threads)
     name = session.get_inputs()[0].name

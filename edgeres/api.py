@@ -99,9 +99,9 @@ def eval_model(
 
     A model without weights is an error unless `random_init` (then the report says its error means nothing).
     """
-    from edgeres.bench import SUFFIX_RUNTIME
+    from edgeres.backends.base import artifact_suffixes
 
-    if model and Path(model).suffix.lower() in SUFFIX_RUNTIME and weights is None:
+    if model and Path(model).suffix.lower() in artifact_suffixes() and weights is None:
         return eval_artifact(model, data_spec=data_spec, split=split, batch_size=batch_size, limit=limit)
     net = load_model(model, weights, num_classes=num_classes, new_head=False, **arch)
     random = require_weights(model, weights, random_init) or untrained(net)  # after the name is checked
@@ -234,11 +234,11 @@ def eval_artifact(
     model.onnx copied away from its export folder gives the figure the export reported.
     """
     from edgeres import artifact_meta
-    from edgeres.backends.base import get_backend
-    from edgeres.bench import artifact_from_path, evaluate_session
+    from edgeres.backends.base import get_backend, open_artifact
+    from edgeres.bench import evaluate_session
     from edgeres.errors import DataError
 
-    artifact = artifact_from_path(path)
+    artifact = open_artifact(path)
     meta = artifact_meta.read(path)
     pp = meta.preprocess
     spec = data_spec or meta.dataset
@@ -313,8 +313,7 @@ def predict(path: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     import numpy as np
 
     from edgeres import artifact_meta
-    from edgeres.backends.base import get_backend
-    from edgeres.bench import artifact_from_path
+    from edgeres.backends.base import get_backend, open_artifact
     from edgeres.errors import EdgeresError
     from edgeres.preprocess import eval_array
 
@@ -322,7 +321,7 @@ def predict(path: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         raise EdgeresError(f"--top must be >= 1, got {top_k}")
     if not images:
         raise EdgeresError("no images given; pass one or more image files")
-    artifact = artifact_from_path(path)
+    artifact = open_artifact(path)
     meta = artifact_meta.read(path)
     arrays = [eval_array(Path(img), meta.preprocess) for img in images]  # every image decodes before any run
     backend = get_backend(artifact.runtime)

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeres.backends.base import Artifact
+from edgeres.backends.base import Artifact, open_artifact
 from edgeres.errors import EdgeresError
 from edgeres.hostcpu import describe
 from edgeres.latency import BenchOptions, LatencyStats, Worker, measure
-
-SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".xml": "openvino"}
 
 
 @dataclass(frozen=True)
@@ -66,19 +64,9 @@ def speed_ratio(reference: list[list[float]], model: list[list[float]], draws: i
             "rounds_at_least_as_fast": round(float(np.mean(ratios >= 1.0)), 3), "rounds": len(ratios)}
 
 
-def artifact_bytes(path: Path) -> int:
-    """Bytes on disk of an artifact (an OpenVINO IR is the .xml plus its .bin)."""
-    size = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        size += path.with_suffix(".bin").stat().st_size
-    return size
-
-
-def runtime_for(path: Path) -> str:
-    runtime = SUFFIX_RUNTIME.get(path.suffix.lower())
-    if runtime is None:
-        raise EdgeresError(f"cannot tell the runtime of {path.name}; expected one of {', '.join(SUFFIX_RUNTIME)}")
-    return runtime
+def artifact_bytes(artifact: Artifact) -> int:
+    """Bytes on disk of an artifact as its backend counts them (an OpenVINO IR: the .xml plus its .bin)."""
+    return int(artifact.meta.get("bytes") or artifact.path.stat().st_size)
 
 
 def input_shape_of(path: Path) -> list[int]:
@@ -108,31 +96,6 @@ def input_shape_of(path: Path) -> list[int]:
     raise EdgeresError(f"cannot tell the input shape of {path.name}; re-export it (edgeres writes it into the file)")
 
 
-def artifact_from_path(path: str | os.PathLike) -> Artifact:
-    """The artifact at `path`, its precision read from the file itself (an export folder holds several)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeresError(f"artifact {path} not found")
-    runtime = runtime_for(path)
-    if runtime == "onnxruntime":
-        from edgeres.backends.ort import precision_of
-
-        precision = precision_of(path)
-    elif runtime == "openvino":
-        from edgeres.backends.openvino import ir_precision
-
-        precision = ir_precision(path)
-    else:  # an engine is opaque without TensorRT: `edgeres build` records its precision beside it
-        from edgeres.backends.tensorrt import engine_meta_path
-
-        meta = engine_meta_path(path)
-        try:
-            precision = json.loads(meta.read_text()).get("precision", "unknown") if meta.is_file() else "unknown"
-        except (ValueError, AttributeError):
-            precision = "unknown"  # a damaged build record: TensorRT itself judges the engine when it loads
-    return Artifact(path=path, runtime=runtime, precision=precision)
-
-
 def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
                    input_shape: list[int] | None = None, worker: Worker | None = None) -> BenchResult:
     """Time every batch size in `options` of `artifact` through its backend, in a fresh worker process."""
@@ -146,7 +109,7 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
         precision=artifact.precision,
         threads=threads,
         input_shape=list(shape),
-        size_mb=round(artifact_bytes(artifact.path) / 1e6, 4),
+        size_mb=round(artifact_bytes(artifact) / 1e6, 4),
         peak_rss_mb=measured.peak_rss_mb,
         memory_delta_mb=measured.memory_delta_mb,
         rows=measured.rows,
@@ -155,7 +118,7 @@ def bench_artifact(artifact: Artifact, options: BenchOptions = BenchOptions(),
 
 
 def bench_path(path: str | os.PathLike, options: BenchOptions = BenchOptions()) -> BenchResult:
-    return bench_artifact(artifact_from_path(path), options)
+    return bench_artifact(open_artifact(path), options)
 
 
 def evaluate_session(backend, session, ds, *, mean, std, batch_size: int = 256, desc: str = "eval"):

@@ -83,11 +83,11 @@ def golden_set(onnx_path: str | os.PathLike, candidates: np.ndarray, n: int = GO
 
     Clear margins keep the device's top-1 check meaningful: an engine within tolerance cannot flip them.
     """
+    from edgeres.backends.base import open_artifact
     from edgeres.backends.ort import OrtBackend
-    from edgeres.bench import artifact_from_path
 
     backend = OrtBackend()
-    session = backend.load(artifact_from_path(onnx_path))
+    session = backend.load(open_artifact(onnx_path))
     logits = np.concatenate([backend.run(session, x[None]) for x in candidates]).astype(np.float32)
     top2 = np.sort(logits, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]

@@ -155,7 +155,7 @@ class _Measure:
         return VariantRow(
             variant=variant, target=self.target.name, runtime=artifact.runtime, precision=precision,
             pruned=pruned, params=count_params(model), macs=count_macs(model),
-            size_mb=round(artifact_bytes(artifact.path) / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
+            size_mb=round(artifact_bytes(artifact) / 1e6, 4), latency_ms_p50=p50, throughput_ips=ips,
             top1_error=result.top1_error, top1_error_delta=round(result.top1_error - self.baseline_error, 4),
             top1_accuracy=result.top1_accuracy, eval_images=result.total, file=artifact.path.name,
             latency_source=f"measured ({artifact.runtime}, this machine, fresh worker process)" if self.runs_here
@@ -166,11 +166,11 @@ class _Measure:
 
 def _agreement(model: nn.Module, onnx_path: Path, test_ds, n: int = 256) -> dict:
     """Logits of the PyTorch model against ONNX Runtime on the first n test images."""
+    from edgeres.backends.base import open_artifact
     from edgeres.backends.ort import OrtBackend
-    from edgeres.bench import artifact_from_path
 
     backend = OrtBackend()
-    session = backend.load(artifact_from_path(onnx_path))
+    session = backend.load(open_artifact(onnx_path))
     sub = data.Dataset(test_ds.name, test_ds.split, test_ds.images[:n], test_ds.labels[:n], test_ds.classes)
     x, _ = next(data.batches(sub, n, mean=model.cfg.mean, std=model.cfg.std))
     with torch.no_grad():
@@ -213,10 +213,10 @@ def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
         raise EdgeresError("pass --int8 or --fp16, not both")
     precision = "int8" if opts.int8 else "fp16" if opts.fp16 else "fp32"
     target.require(precision)
-    if target.runtime != "tensorrt":
-        get_backend(target.runtime)  # a missing runtime fails here, in one line
-    if precision == "fp16" and target.runtime != "tensorrt":
-        raise EdgeresError(f"--fp16 is for TensorRT targets; {target.name} runs {target.runtime}")
+    backend = get_backend(target.runtime)  # a missing runtime fails here, in one line
+    if precision not in backend.precisions:
+        raise EdgeresError(f"--{precision} is not a precision {backend.name} builds ({', '.join(backend.precisions)}); "
+                           f"{target.name} runs {target.runtime}")
     if opts.prune is not None and not 0.0 < opts.prune < 1.0:
         raise EdgeresError(f"--prune must be a fraction in (0, 1), got {opts.prune}")
     if opts.prune is None and opts.prune_epochs:

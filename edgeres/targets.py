@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeres.backends.base import list_backends
 from edgeres.errors import TargetError
 
-RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_FLAVOURS = ("cpu", "tensorrt", "openvino")
 TARGETS_ENV = "EDGERES_TARGETS"
@@ -234,7 +234,7 @@ def load_file(path: str | os.PathLike) -> Target:
     r = _Reader(data, path)
     r.unknown_keys(_KEYS)
 
-    runtime = r.choice("runtime", RUNTIMES)
+    runtime = r.choice("runtime", tuple(list_backends()))
     precisions = tuple(_str_list(r, "precisions"))
     for p in precisions:
         if p not in PRECISIONS:

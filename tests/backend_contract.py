@@ -1,6 +1,8 @@
 """The contract every backend passes: subclass `BackendContract` in tests/test_backends_<runtime>.py.
 
-A new runtime is one module in edgeres/backends/, one line in the registry and one subclass here.
+A new runtime is one module in edgeres/backends/, one line in the registry (`backends/base.py`) and one
+subclass of this class: its facts (suffix, runs_on_host, precisions, lint rules), compile, open, flavour,
+load, run and the latency measurement are all checked here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import torch
 
 from edgeres import models, targets
 from edgeres.backends import Artifact, RuntimeOptions, get_backend
+from edgeres.backends.base import artifact_suffixes, open_artifact
 from edgeres.export import export_onnx
+from edgeres.latency import BenchOptions, measure
 
 
 class BackendContract:
@@ -58,3 +62,41 @@ class BackendContract:
         backend, artifact, x, ref = compiled
         session = backend.load(artifact)
         np.testing.assert_allclose(backend.run(session, x[:1]), ref[:1], rtol=self.atol, atol=self.atol)
+
+    def test_states_its_facts(self):
+        backend = get_backend(self.runtime)
+        assert backend.suffix == self.suffix and backend.suffix in backend.reads
+        assert isinstance(backend.runs_on_host, bool) and set(self.precisions) <= set(backend.precisions)
+        assert isinstance(backend.custom_domains, frozenset) and all(callable(r) for r in backend.lint_rules)
+        assert artifact_suffixes()[self.suffix] == self.runtime
+
+    def test_open_reads_precision_and_bytes_from_the_file(self, compiled):
+        backend, artifact, _, _ = compiled
+        opened = open_artifact(artifact.path)
+        assert opened.runtime == self.runtime and opened.precision == artifact.precision
+        assert opened.meta["bytes"] >= artifact.path.stat().st_size > 0
+
+    def test_flavour_gives_a_valid_int8_graph_it_opens_as_int8(self, fp32):
+        import onnx
+
+        from edgeres.compress.quantize import ptq, strip
+        from edgeres.export import export_int8
+
+        onnx_path, x, _, tmp = fp32
+        torch.manual_seed(0)
+        model = models.create("wrn-10-1").eval()
+        example = torch.zeros(1, 3, 32, 32)
+        qmodel = ptq(model, [torch.from_numpy(x)], example_input=example)
+        backend = get_backend(self.runtime)
+        path = export_int8(strip(qmodel, example), tmp / "int8.onnx", backend, input_size=32)
+        onnx.checker.check_model(onnx.load(str(path)))
+        if backend.runs_on_host:
+            artifact = backend.compile(path, targets.load(self.target), tmp / f"int8{self.suffix}")
+            assert artifact.precision == "int8" and backend.open(artifact.path).precision == "int8"
+
+    def test_measured_in_a_fresh_worker_where_it_runs(self, compiled):
+        backend, artifact, _, _ = compiled
+        if not backend.runs_on_host:
+            pytest.skip(f"{self.runtime} does not run on this host")
+        m = measure(artifact, BenchOptions(batch_sizes=(1, 2), warmup=1, runs=3, threads=1), (3, 32, 32))
+        assert [r.batch for r in m.rows] == [1, 2] and m.fresh_process

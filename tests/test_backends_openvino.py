@@ -10,6 +10,7 @@ pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'edg
 from edgeres import export as E  # noqa: E402
 from edgeres import targets  # noqa: E402
 from edgeres.backends import RuntimeOptions, get_backend  # noqa: E402
+from edgeres.backends.base import open_artifact  # noqa: E402
 from edgeres.backends.openvino import (  # noqa: E402
     INSTALL_HINT,
     OpenVINOBackend,
@@ -22,7 +23,7 @@ from edgeres.backends.ort import (
     OrtBackend,  # noqa: E402
     to_cpu_flavour,  # noqa: E402
 )
-from edgeres.bench import artifact_from_path, bench_artifact  # noqa: E402
+from edgeres.bench import bench_artifact  # noqa: E402
 from edgeres.compress.quantize import ptq, strip  # noqa: E402
 from edgeres.errors import ExportError, TargetError  # noqa: E402
 from edgeres.latency import BenchOptions  # noqa: E402
@@ -132,7 +133,7 @@ def test_openvino_flavour_is_uint8_after_relu_only(files):
 
 
 def test_bench_runs_the_ir(files):
-    art = artifact_from_path(files["art"]["int8"].path)
+    art = open_artifact(files["art"]["int8"].path)
     assert art.runtime == "openvino"
     result = bench_artifact(art, BenchOptions(batch_sizes=(1, 4), warmup=1, runs=3, threads=1), input_shape=[3, 32, 32])
     assert [r.batch for r in result.rows] == [1, 4] and all(r.p50_ms > 0 for r in result.rows)

@@ -1,19 +1,22 @@
-"""The backend contract: compile an ONNX file for a target, load it, run batches.
+"""The backend contract and the registry of runtimes: everything edgeres knows about a runtime is a backend member.
 
-One module per runtime; `get_backend(runtime)` imports it on first use so `import edgeres` works
-without TensorRT or OpenVINO installed.
+A backend names its artifacts' suffix, says whether it runs on this host, rewrites Q/DQ ONNX into its
+dialect (`flavour`), compiles ONNX for a target, opens an artifact on disk (precision and bytes from the
+file), loads and runs it, and adds its bundle extras. One module per runtime, one line in `_BACKENDS`;
+`get_backend(runtime)` imports it on first use, so `import edgeres` works without TensorRT or OpenVINO.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from edgeres.errors import TargetError
+from edgeres.errors import EdgeresError, TargetError
 
 if TYPE_CHECKING:
     from edgeres.targets import Target
@@ -42,19 +45,25 @@ class RuntimeOptions:
 @runtime_checkable
 class Backend(Protocol):
     name: str
-    suffix: str  # the artifact's file suffix: ".onnx", ".xml", ".engine"
+    suffix: str  # the suffix of the artifacts it writes: ".onnx", ".xml", ".engine"
+    reads: tuple[str, ...]  # the suffixes of the artifacts it opens (TensorRT: ".engine", ".plan")
     runs_on_host: bool  # can this machine load and time its artifacts?
+    precisions: tuple[str, ...]  # what its artifacts can run as ("fp32", "fp16", "int8")
+    custom_domains: frozenset[str]  # ONNX op domains it runs besides the standard one
+    lint_rules: tuple  # edgeres.check rules of its own: (GraphView, Target) -> Iterator[Finding]
 
     def flavour(self, qdq: Any) -> Any: ...  # onnx.ModelProto in the exporter's Q/DQ -> this runtime's dialect
 
     def compile(self, onnx: Path, target: Target, out: Path) -> Artifact: ...
+
+    def open(self, path: Path) -> Artifact: ...  # an artifact on disk: precision and bytes read from the file
 
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> Session: ...
 
     def run(self, session: Session, batch: np.ndarray) -> np.ndarray: ...
 
 
-# runtime name -> "module:Class"; imported lazily.
+# The registry: runtime name -> "module:Class", imported on first use. A new runtime is one line here.
 _BACKENDS = {
     "onnxruntime": "edgeres.backends.ort:OrtBackend",
     "tensorrt": "edgeres.backends.tensorrt:TensorRTBackend",
@@ -63,7 +72,36 @@ _BACKENDS = {
 
 
 def list_backends() -> list[str]:
+    """Every runtime edgeres knows (installed or not): what a target's `runtime` may name."""
     return sorted(_BACKENDS)
+
+
+def _backend_class(runtime: str) -> type:
+    """The backend's class; importing its module never imports the runtime library itself."""
+    module_name, _, cls_name = _BACKENDS[runtime].partition(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def artifact_suffixes() -> dict[str, str]:
+    """File suffix -> runtime, over every registered backend (".onnx": "onnxruntime", ".xml": "openvino", ...)."""
+    return {suffix: runtime for runtime in list_backends() for suffix in _backend_class(runtime).reads}
+
+
+def runtime_for(path: str | os.PathLike) -> str:
+    """The runtime whose artifacts end like `path`; a one-line error naming the known suffixes otherwise."""
+    suffixes = artifact_suffixes()
+    runtime = suffixes.get(Path(path).suffix.lower())
+    if runtime is None:
+        raise EdgeresError(f"cannot tell the runtime of {Path(path).name}; expected one of {', '.join(suffixes)}")
+    return runtime
+
+
+def open_artifact(path: str | os.PathLike) -> Artifact:
+    """The artifact at `path` as its backend reads it: precision and bytes from the file itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeresError(f"artifact {path} not found")
+    return get_backend(runtime_for(path)).open(path)
 
 
 def host_runtimes() -> list[str]:
@@ -80,14 +118,11 @@ def host_runtimes() -> list[str]:
 
 def get_backend(runtime: str) -> Backend:
     """The backend for `runtime` ("onnxruntime", "tensorrt", "openvino")."""
-    spec = _BACKENDS.get(runtime)
-    if spec is None:
+    if runtime not in _BACKENDS:
         raise TargetError(f"unknown runtime {runtime!r}; known runtimes: {', '.join(list_backends())}")
-    module_name, _, cls_name = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        return _backend_class(runtime)()
     except ImportError as exc:
         raise TargetError(
             f"the {runtime} backend cannot be loaded ({exc}); install the runtime or pick another target"
         ) from exc
-    return getattr(module, cls_name)()

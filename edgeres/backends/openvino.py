@@ -293,6 +293,10 @@ class OpenVINOBackend:
     """OpenVINO CPU plugin; artifacts are IR pairs (model.xml + model.bin)."""
 
     name = "openvino"
+    reads = (".xml",)
+    custom_domains = frozenset({"org.openvinotoolkit"})
+    lint_rules = ()
+    precisions = ("fp32", "int8")  # what its artifacts can run as
     suffix = ".xml"  # with its .bin beside it
 
     def __init__(self) -> None:
@@ -344,6 +348,11 @@ class OpenVINOBackend:
             "openvino": self._ov.get_version(),
         }
         return Artifact(path=out, runtime=self.name, precision=precision, meta=meta)
+
+    def open(self, path: Path) -> Artifact:
+        """An IR on disk: its precision from its ops and constants, its bytes the .xml plus the .bin."""
+        path = Path(path)
+        return Artifact(path=path, runtime=self.name, precision=ir_precision(path), meta={"bytes": ir_bytes(path)})
 
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> OpenVINOSession:
         if options is not None and options.device not in (None, "cpu"):

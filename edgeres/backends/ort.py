@@ -244,6 +244,10 @@ class OrtBackend:
 
     name = "onnxruntime"
     suffix = ".onnx"
+    reads = (".onnx",)
+    custom_domains = frozenset({"com.microsoft"})  # ORT's contrib ops run too
+    lint_rules = ()
+    precisions = ("fp32", "int8")  # what its artifacts can run as
 
     @property
     def runs_on_host(self) -> bool:
@@ -270,6 +274,11 @@ class OrtBackend:
             "qlinear_ops": sum(v for k, v in ops.items() if k.startswith("QLinear")),
         }
         return Artifact(path=out, runtime=self.name, precision=precision_of(out), meta=meta)
+
+    def open(self, path: Path) -> Artifact:
+        """A model.onnx as it is: int8 when it holds Q/DQ, fp16 for FP16 weights, else fp32."""
+        path = Path(path)
+        return Artifact(path=path, runtime=self.name, precision=precision_of(path), meta={"bytes": path.stat().st_size})
 
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None):
         import onnxruntime as ort
