@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 RULES = ((256, 64), (256, 128), (1024, 128))  # (min_k, min_out); edgeres.backends.ort.AMX_MIN_* is the default
 
@@ -25,15 +22,15 @@ RULES = ((256, 64), (256, 128), (1024, 128))  # (min_k, min_out); edgeres.backen
 def main(argv: list[str] | None = None) -> int:
     import onnx
     import torch
-    from cpu_int8 import (
+    from _common import (
         _ort_session,
         calibration_set,
         fp32_model,
         interleaved,
         ort_fp32_engine,
         ort_quantize_static_engine,
+        write_int8_onnx,
     )
-    from wrn_gap import write_int8_onnx
 
     from edgeres.backends.ort import AMX_MIN_K, AMX_MIN_OUT, amx_conv_weights
     from edgeres.compress.quantize import ptq

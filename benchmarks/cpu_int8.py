@@ -33,304 +33,103 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from _common import (  # noqa: F401  (the rest of the shared toolkit is reached through here by tests)
+    PRETRAINED,
+    SETTLE_S,
+    Engine,
+    Runner,
+    _openvino_config,
+    _openvino_engine,
+    _openvino_precisions,
+    _OpenVinoRunner,
+    _ort_engine,
+    _ort_session,
+    calibration_set,
+    edgeres_int8_engine,
+    edgeres_on_openvino_engine,
+    fp32_model,
+    graph_summary,
+    info,
+    interleaved,
+    interleaved_rounds,
+    load_split,
+    machine,
+    openvino_int8_engine,
+    ort_fp32_engine,
+    ort_quantize_static_engine,
+    pooled,
+    torch_engine,
+    versions,
+    write_int8_onnx,
+)
 
-from edgeres.bench import LatencyStats
+from edgeres.latency import LatencyStats
 
 DEFAULT_MODELS = ("resnet20", "wrn-16-4", "resnet18")
-PRETRAINED = {"resnet20": "resnet20.cifar10_akamaster"}
 BATCHES = (1, 64)
 EVAL_BATCH = 100
-SETTLE_S = 0.02
-
-Runner = Callable[[np.ndarray], np.ndarray]
 
 
-@dataclass
-class Engine:
-    """One way of running the model: a batch -> logits callable plus what it is."""
-
-    key: str
-    label: str
-    precision: str
-    run: Runner
-    build_s: float
-    size_mb: float | None = None
-    details: dict = field(default_factory=dict)
 
 
-def _info(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+
 
 
 # ---------------------------------------------------------------- model and data
 
 
-def _cifar_root(data: str | None) -> Path | None:
-    root = data or os.environ.get("EDGERES_DATA")
-    return Path(root) if root and (Path(root) / "cifar-10-batches-py").is_dir() else None
 
 
-def load_split(split: str, n: int, data: str | None = None):
-    """n class-balanced real CIFAR-10 images of `split`, or None when no local copy exists (never downloads)."""
-    from edgeres import data as edata
-
-    root = _cifar_root(data)
-    if root is None:
-        return None
-    return edata.subset(edata.load_dataset(root, split), n, seed=0)
 
 
-def fp32_model(name: str, weights: str | None = None) -> tuple[nn.Module, str]:
-    """The FP32 model in eval mode and a note on where its weights come from."""
-    from edgeres import models
-    from edgeres.checkpoint import load_model
-    from edgeres.errors import EdgeresError
-
-    if weights:
-        return load_model(name, weights).eval(), f"checkpoint {weights}"
-    if name in PRETRAINED:
-        try:
-            return load_model(PRETRAINED[name]).eval(), f"pretrained {PRETRAINED[name]}"
-        except EdgeresError as exc:
-            _info(f"{name}: pretrained weights unavailable ({exc}); using random init")
-    torch.manual_seed(0)
-    return models.create(name).eval(), "random init (latency does not depend on weight values)"
 
 
-def calibration_set(model: nn.Module, n: int, data: str | None = None) -> tuple[list[torch.Tensor], str]:
-    """Normalised calibration batches (the pipeline's selection, n images) and where they come from."""
-    from edgeres import data as edata
-    from edgeres.calibration import calibration_batches, load_calibration
-
-    spec = load_calibration("default", size=n)
-    root = _cifar_root(data)
-    if root is not None:
-        ds, note = edata.load_dataset(root, spec.split), f"{n} CIFAR-10 {spec.split} images (class-balanced)"
-    else:
-        ds = edata.synthetic(max(n, 256), size=model.cfg.input_size, split=spec.split)
-        note = f"{n} synthetic images (no CIFAR-10 found)"
-    return calibration_batches(spec, ds, model.cfg.mean, model.cfg.std), note
 
 
 # ---------------------------------------------------------------- engines
 
 
-def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _ort_engine(key: str, label: str, precision: str, path: Path, threads: int, started: float,
-                edgeres_backend: bool = False) -> Engine:
-    """An ORT session on `path`: ORT's defaults (all optimizations), or edgeres's OrtBackend.load for its files."""
-    from wrn_gap import graph_summary
-
-    if edgeres_backend:
-        from edgeres.backends.base import RuntimeOptions, open_artifact
-        from edgeres.backends.ort import OrtBackend
-
-        session = OrtBackend().load(open_artifact(path), RuntimeOptions(threads=threads))
-    else:
-        session = _ort_session(path, threads)
-    name = session.get_inputs()[0].name
-    details = graph_summary(path, threads) if precision == "int8" else {}
-    return Engine(key, label, precision, lambda a: session.run(None, {name: a})[0], time.perf_counter() - started,
-                  round(path.stat().st_size / 1e6, 4), details)
 
 
-def torch_engine(model: nn.Module) -> Engine:
-    def run(a: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(a)).numpy()
-
-    return Engine("torch_fp32", "PyTorch eager FP32", "fp32", run, 0.0,
-                  details={"torch_threads": torch.get_num_threads()})
 
 
-def ort_fp32_engine(model: nn.Module, work: Path, threads: int) -> tuple[Engine, Path]:
-    from edgeres.export import export_onnx
-
-    t0 = time.perf_counter()
-    path = export_onnx(model, work / "fp32.onnx", input_size=model.cfg.input_size)
-    return _ort_engine("ort_fp32", "ORT FP32", "fp32", path, threads, t0), path
 
 
-def edgeres_int8_engine(model: nn.Module, calib: list[torch.Tensor], work: Path, threads: int) -> Engine:
-    """The pipeline's INT8 file, run by edgeres's ORT backend."""
-    from wrn_gap import write_int8_onnx
-
-    from edgeres.compress.quantize import ptq
-
-    t0 = time.perf_counter()
-    size = model.cfg.input_size
-    example = torch.zeros(1, 3, size, size)
-    path, _ = write_int8_onnx(ptq(model, calib, example_input=example), work / "edgeres_int8.onnx", size,
-                              openvino=work / "edgeres_int8_openvino.onnx")
-    return _ort_engine("edgeres_int8", "edgeres INT8", "int8", path, threads, t0, edgeres_backend=True)
 
 
-def ort_quantize_static_engine(fp32_onnx: Path, calib: list[torch.Tensor], work: Path, threads: int) -> Engine:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": b.numpy()} for b in calib])
-
-        def get_next(self) -> dict | None:
-            return next(self.feeds, None)
-
-    t0 = time.perf_counter()
-    pre, out = work / "ort_pre.onnx", work / "ort_qs_int8.onnx"
-    quant_pre_process(str(fp32_onnx), str(pre))
-    reader = Reader()
-    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True)
-    return _ort_engine("ort_qs_int8", "ORT quantize_static INT8", "int8", out, threads, t0)
 
 
-class _OpenVinoRunner:
-    """One compiled model (static shape) per batch size, compiled on first use; calls go through an infer request."""
-
-    def __init__(self, model, size: int, config: dict) -> None:
-        import openvino as ov
-
-        self.core, self.model, self.size, self.config = ov.Core(), model, size, config
-        self.requests: dict[int, object] = {}
-        self.compiled: dict[int, object] = {}
-
-    def compile(self, batch: int):
-        if batch not in self.compiled:
-            model = self.model.clone()
-            model.reshape([batch, 3, self.size, self.size])
-            self.compiled[batch] = self.core.compile_model(model, "CPU", self.config)
-            self.requests[batch] = self.compiled[batch].create_infer_request()
-        return self.compiled[batch]
-
-    def __call__(self, a: np.ndarray) -> np.ndarray:
-        self.compile(a.shape[0])
-        return self.requests[a.shape[0]].infer({0: a}, share_inputs=True)[0]
 
 
-def _openvino_precisions(compiled) -> dict:
-    """Runtime precision of the compute layers OpenVINO actually runs, e.g. {"Convolution": {"u8": 15}}."""
-    out: dict[str, dict[str, int]] = {}
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        kind = str(info["layerType"].astype(str))
-        if kind in ("Convolution", "FullyConnected", "Eltwise", "Subgraph", "Reduce", "Pooling", "MatMul"):
-            prec = str(info["runtimePrecision"].astype(str))
-            out.setdefault(kind, {})
-            out[kind][prec] = out[kind].get(prec, 0) + 1
-    return out
 
 
-def _openvino_config(threads: int) -> dict:
-    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1}
 
 
-def openvino_int8_engine(fp32_onnx: Path, calib: list[torch.Tensor], size: int, threads: int) -> Engine:
-    import nncf
-    import openvino as ov
-
-    t0 = time.perf_counter()
-    qmodel = nncf.quantize(ov.convert_model(str(fp32_onnx)), nncf.Dataset([b.numpy() for b in calib]),
-                           subset_size=len(calib))
-    return _openvino_engine("openvino_int8", "OpenVINO INT8 (NNCF)", qmodel, size, threads, t0)
 
 
-def edgeres_on_openvino_engine(int8_onnx: Path, size: int, threads: int) -> Engine:
-    """edgeres's OpenVINO-flavoured INT8 file (what --target cpu-openvino converts to IR), compiled by OpenVINO."""
-    import openvino as ov
-
-    t0 = time.perf_counter()
-    return _openvino_engine("edgeres_int8_openvino", "edgeres INT8, OpenVINO target", ov.convert_model(str(int8_onnx)),
-                            size, threads, t0)
 
 
-def _openvino_engine(key: str, label: str, model, size: int, threads: int, started: float) -> Engine:
-    import openvino as ov
-
-    runner = _OpenVinoRunner(model, size, _openvino_config(threads))
-    compiled = runner.compile(1)
-    details = {
-        "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-        "runtime_precisions": _openvino_precisions(compiled),
-        "cpu_capabilities": list(runner.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-        "openvino": ov.__version__,
-    }
-    return Engine(key, label, "int8", runner, time.perf_counter() - started, details=details)
 
 
 # ---------------------------------------------------------------- measurement
 
 
-def _stats(batch: int, seconds: list[float]) -> LatencyStats:
-    ms = np.asarray(seconds) * 1e3
-    return LatencyStats(
-        batch=batch, runs=len(ms),
-        p50_ms=round(float(np.percentile(ms, 50)), 4), p90_ms=round(float(np.percentile(ms, 90)), 4),
-        p99_ms=round(float(np.percentile(ms, 99)), 4), mean_ms=round(float(ms.mean()), 4),
-        throughput_ips=round(float(batch * 1e3 / np.median(ms)), 2),
-    )
 
 
-def interleaved_rounds(runners: dict[str, Runner], batch: int, size: int, *, runs: int, warmup: int, rounds: int,
-                       seed: int = 0) -> dict[str, list[list[float]]]:
-    """Warm every runner up, then `rounds` rounds in which each runner does runs/rounds timed calls in turn.
-
-    Returns each runner's call times (seconds), one list per round: a ratio within a round compares engines
-    under the same machine conditions (edgeres.bench.speed_ratio).
-    """
-    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
-    for run in runners.values():
-        for _ in range(warmup):
-            run(x)
-    per_round = max(1, -(-runs // rounds))
-    times: dict[str, list[list[float]]] = {k: [] for k in runners}
-    order = list(runners)
-    for r in range(rounds):
-        for key in order if r % 2 == 0 else order[::-1]:
-            run = runners[key]
-            time.sleep(SETTLE_S)  # let the previous engine's worker threads stop spinning and park
-            run(x)  # untimed: wake this engine's thread pool
-            samples = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                run(x)
-                samples.append(time.perf_counter() - t0)
-            times[key].append(samples)
-    return times
 
 
-def pooled(batch: int, rounds: dict[str, list[list[float]]]) -> dict[str, LatencyStats]:
-    """Latency statistics over all rounds' calls."""
-    return {k: _stats(batch, [t for r in v for t in r]) for k, v in rounds.items()}
 
 
-def interleaved(runners: dict[str, Runner], batch: int, size: int, *, runs: int, warmup: int, rounds: int,
-                seed: int = 0) -> dict[str, LatencyStats]:
-    """`interleaved_rounds`, pooled into one LatencyStats per runner."""
-    return pooled(batch, interleaved_rounds(runners, batch, size, runs=runs, warmup=warmup, rounds=rounds, seed=seed))
 
 
 def top1(engines: list[Engine], ds, mean, std) -> dict[str, dict]:
@@ -430,7 +229,7 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
         if s.keep:
             work = s.keep / name
             work.mkdir(parents=True, exist_ok=True)
-        _info(f"{name}: building engines ({calib_note})")
+        info(f"{name}: building engines ({calib_note})")
         engines = [torch_engine(model)]
         ort_fp32, fp32_onnx = ort_fp32_engine(model, work, s.threads)
         engines += [ort_fp32, edgeres_int8_engine(model, calib, work, s.threads)]
@@ -444,12 +243,12 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
         accuracy = {}
         test = load_split("test", s.eval_images, s.data) if s.eval_images else None
         if test is not None:
-            _info(f"{name}: top-1 on {len(test)} test images")
+            info(f"{name}: top-1 on {len(test)} test images")
             accuracy = top1(engines, test, model.cfg.mean, model.cfg.std)
         runners = {e.key: e.run for e in engines}
         stats, rounds = {}, {}
         for batch, runs, warmup in zip(BATCHES, (s.runs, s.runs64), (s.warmup, max(s.warmup // 4, 1)), strict=True):
-            _info(f"{name}: timing batch {batch} ({runs} runs per engine, {s.rounds} interleaved rounds)")
+            info(f"{name}: timing batch {batch} ({runs} runs per engine, {s.rounds} interleaved rounds)")
             rounds[f"batch{batch}"] = interleaved_rounds(runners, batch, size, runs=runs, warmup=warmup,
                                                          rounds=s.rounds)
             stats[f"batch{batch}"] = pooled(batch, rounds[f"batch{batch}"])
@@ -474,22 +273,8 @@ def bench_model(name: str, s: Settings, weights: str | None = None) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    from edgeres.hostcpu import describe
-
-    return {**describe(), "platform": platform.platform()}
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("edgeres", "torch", "onnx", "onnxruntime", "nncf", "openvino"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _x(v: float | None) -> str:
@@ -597,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with atomic_write(args.json) as f:
             f.write_text(json.dumps(result, indent=2))
-        _info(f"wrote {args.json}")
+        info(f"wrote {args.json}")
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +37,6 @@ from edgeres.bench import evaluate_session, speed_ratio
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.compress.quantize import ptq, strip
-
-sys.path.insert(0, str(Path(__file__).parent))  # cpu_int8 beside this script, however it is started
 
 
 def build(model_name: str, tmp: Path, weights: str | None = None
@@ -115,7 +112,7 @@ def timings(sessions: dict, shape: tuple[int, ...], rounds: int) -> dict[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cpu_int8 import machine, versions  # before any work: a broken setup fails at once
+    from _common import machine, versions  # before any work: a broken setup fails at once
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20.cifar10_akamaster")

@@ -25,7 +25,6 @@ islands ORT runs, interleaved batch-1 / batch-64 timings and top-1 through ONNX 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -39,85 +38,15 @@ from torch import nn
 # ---------------------------------------------------------------- writing and inspecting
 
 
-def write_int8_onnx(qmodel: nn.Module, path: Path, input_size: int, *, amx: bool = False,
-                    openvino: Path | None = None) -> tuple[Path, dict]:
-    """strip -> export_onnx -> to_cpu_flavour (the pipeline's CPU INT8 writer), then export.amx_conv_weights if
-    asked (what backends/ort.py does at load on AMX hosts). With `openvino`, also writes the OpenVINO flavour
-    of the same export there (what `--target cpu-openvino` ships)."""
-    import onnx
-
-    from edgeres.backends.openvino import to_openvino_flavour
-    from edgeres.backends.ort import amx_conv_weights, to_cpu_flavour
-    from edgeres.compress.quantize import strip
-    from edgeres.export import export_onnx, save_onnx
-
-    example = torch.zeros(1, 3, input_size, input_size)
-    raw = path.with_name(path.stem + ".raw.onnx")
-    export_onnx(strip(qmodel, example), raw, input_size=input_size)
-    model = to_cpu_flavour(onnx.load(str(raw)))
-    if openvino is not None:
-        save_onnx(to_openvino_flavour(onnx.load(str(raw))), openvino)
-    raw.unlink()
-    applied = {}
-    if amx:
-        model, applied["amx_convs"] = amx_conv_weights(model)
-    save_onnx(model, path)
-    return path, applied
 
 
-def optimized_graph(onnx_path: Path, threads: int | None = None):
-    """The graph ONNX Runtime runs after all its optimizations (Q/DQ fusion, NHWC, NCHWc)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath).graph
 
 
-def fp32_islands(graph) -> list[str]:
-    """Op runs between a DequantizeLinear (or the graph input) and a QuantizeLinear, e.g. 'DQ Add BatchNorm... Q'."""
-    producer = {o: n for n in graph.node for o in n.output}
-    islands = []
-    for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
-        chain, node = [], producer.get(q.input[0])
-        while node is not None and node.op_type != "DequantizeLinear" and not node.op_type.startswith("QLinear"):
-            chain.append(node.op_type)
-            node = producer.get(node.input[0]) if node.input else None
-        if chain:
-            islands.append(" ".join(["DQ", *reversed(chain), "Q"]))
-    return islands
 
 
-def graph_summary(onnx_path: Path, threads: int | None = None) -> dict:
-    """Op types ORT runs, how many are QLinear/QGemm, Transposes, and the FP32 islands between DQ and Q."""
-    graph = optimized_graph(onnx_path, threads)
-    ops = collections.Counter(n.op_type for n in graph.node)
-    return {
-        "op_types": dict(ops.most_common()),
-        "quantized_ops": sum(v for k, v in ops.items() if k.startswith("QLinear") or k == "QGemm"),
-        "transposes": ops.get("Transpose", 0),
-        "fp32_islands": dict(collections.Counter(fp32_islands(graph)).most_common()),
-    }
 
 
 # ---------------------------------------------------------------- ablation
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _runner(session):
@@ -153,7 +82,15 @@ def _eval(runners: dict, model: nn.Module, ds) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cpu_int8 import calibration_set, fp32_model, interleaved, load_split
+    from _common import (
+        _ort_session,
+        calibration_set,
+        fp32_model,
+        graph_summary,
+        interleaved,
+        load_split,
+        write_int8_onnx,
+    )
 
     from edgeres.compress.fold_bn import fold_bn
     from edgeres.compress.quantize import QuantizeOptions, ptq
@@ -197,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             paths["int8 +AMX"], applied["int8 +AMX"] = write_int8_onnx(base, tmp / "amx.onnx", size, amx=True)
         result["applied"] = applied
         result["graphs"] = {k: graph_summary(v, threads) for k, v in paths.items() if k != "fp32"}
-        runners = {k: _runner(_session(v, threads)) for k, v in paths.items()}
+        runners = {k: _runner(_ort_session(v, threads)) for k, v in paths.items()}
         result["timing"] = {}
         for batch, runs in ((1, args.runs), (64, max(args.runs // 20, 5))):
             print(f"timing batch {batch}", file=sys.stderr)

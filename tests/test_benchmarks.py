@@ -19,31 +19,31 @@ X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 def bench(request):
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(BENCHMARKS))
+    import _common
     import cpu_int8
-    import wrn_gap
 
     request.addfinalizer(mp.undo)
-    return cpu_int8, wrn_gap
+    return cpu_int8, _common
 
 
 @pytest.fixture(scope="module")
 def wrn(bench, tmp_path_factory):
     """A pre-activation WRN (unfoldable BNs) quantized the pipeline's way and with its BNs kept, as CPU INT8 ONNX."""
-    _, gap = bench
+    _, common = bench
     tmp = tmp_path_factory.mktemp("wrn")
     torch.manual_seed(0)
     model = create("wrn-10-2").eval()
     calib = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
     qmodel = ptq(model, calib, example_input=X[:1])
-    base, _ = gap.write_int8_onnx(qmodel, tmp / "int8.onnx", 32)
+    base, _ = common.write_int8_onnx(qmodel, tmp / "int8.onnx", 32)
     kept = ptq(model, calib, example_input=X[:1], options=QuantizeOptions(bn_as_conv=False))
-    bn_kept, _ = gap.write_int8_onnx(kept, tmp / "bn_kept.onnx", 32)
+    bn_kept, _ = common.write_int8_onnx(kept, tmp / "bn_kept.onnx", 32)
     return {"qmodel": qmodel, "base": base, "bn_kept": bn_kept, "tmp": tmp}
 
 
 def test_graph_summary_finds_the_fp32_island_of_kept_bns(bench, wrn):
-    _, gap = bench
-    kept, base = gap.graph_summary(wrn["bn_kept"]), gap.graph_summary(wrn["base"])
+    _, common = bench
+    kept, base = common.graph_summary(wrn["bn_kept"]), common.graph_summary(wrn["base"])
     assert "BatchNormalization" in kept["op_types"] and kept["transposes"] > 2
     assert any("BatchNormalization" in island for island in kept["fp32_islands"]), kept["fp32_islands"]
     assert base["quantized_ops"] >= kept["quantized_ops"] + 3  # wrn-10-2's 3 unfoldable BNs: QLinearConv
@@ -53,8 +53,8 @@ def test_graph_summary_finds_the_fp32_island_of_kept_bns(bench, wrn):
 
 
 def test_write_int8_onnx_amx_uses_the_library_rewrite(bench, wrn):
-    _, gap = bench
-    path, applied = gap.write_int8_onnx(wrn["qmodel"], wrn["tmp"] / "amx.onnx", 32, amx=True)
+    _, common = bench
+    path, applied = common.write_int8_onnx(wrn["qmodel"], wrn["tmp"] / "amx.onnx", 32, amx=True)
     assert applied["amx_convs"] >= 1  # wrn-10-2's 64- and 128-wide 3x3 convs (K >= 256)
     np.testing.assert_array_equal(_run(path, X), _run(wrn["base"], X))  # zero point -1, weights shifted: exact
 
@@ -102,7 +102,8 @@ def test_script_smoke_run_writes_json(bench, tmp_path):
 
 
 def test_wrn_gap_smoke_run_writes_json(bench, tmp_path):
-    _, gap = bench
+    import wrn_gap as gap
+
     out = tmp_path / "gap.json"
     rc = gap.main(["--model", "wrn-10-1", "--eval", "0", "--calib", "16", "--runs", "2", "--threads", "1",
                    "--json", str(out)])

@@ -191,7 +191,8 @@ def to_cpu_flavour(onnx_model):
     return short_tensor_names(model)
 
 
-def _session_options(options: RuntimeOptions | None, optimized_path: Path | None = None):
+def session_options(options: RuntimeOptions | None, optimized_path: Path | None = None):
+    """ONNX Runtime session settings, the one place they are made: all graph optimizations, quiet logs, threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -235,7 +236,7 @@ def optimized_op_types(onnx_path: str | Path, options: RuntimeOptions | None = N
 
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(_model_for_host(Path(onnx_path)), _session_options(options, opt), providers=PROVIDERS)
+        ort.InferenceSession(_model_for_host(Path(onnx_path)), session_options(options, opt), providers=PROVIDERS)
         return collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
 
 
@@ -287,7 +288,7 @@ class OrtBackend:
             raise ExportError(f"the onnxruntime backend runs on the CPU only, got device {options.device!r}")
         model = _model_for_host(artifact.path)
         try:
-            return ort.InferenceSession(model, _session_options(options), providers=PROVIDERS)
+            return ort.InferenceSession(model, session_options(options), providers=PROVIDERS)
         except Exception as exc:  # noqa: BLE001  (ORT raises its own types: InvalidProtobuf, InvalidGraph, Fail...)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ExportError(f"ONNX Runtime cannot load {artifact.path} ({first}); export it again") from exc
