@@ -94,26 +94,19 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
               criterion=None) -> list[dict]:
     """SGD with a cosine schedule for `epochs` over the training split (pruning recovery), on `opts.train_device`;
     the model (and a distillation teacher) come back to the CPU."""
-    from edgeres.train import run_epoch
+    from edgeres.finetune import FinetuneOptions, finetune
 
     device = _train_device(opts)
     model.to(device)
     if criterion is not None and hasattr(criterion, "teacher"):
         criterion.teacher.to(device)
-    steps = data.num_batches(train_ds, opts.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
-    bf16 = _bf16_training(opts)
-    history = []
-    for epoch in range(epochs):
-        stats = run_epoch(
-            model,
-            data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
-                         seed=opts.seed, epoch=epoch),
-            optimizer, scheduler, total=steps, desc=f"{desc} {epoch + 1}/{epochs}", bf16=bf16, criterion=criterion,
-            device=device,
-        )
-        history.append({"epoch": epoch + 1, "loss": round(stats.loss, 4), "train_accuracy": round(stats.accuracy, 2)})
+    history = finetune(
+        model,
+        lambda epoch: data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
+                                   seed=opts.seed, epoch=epoch),
+        epochs, steps_per_epoch=data.num_batches(train_ds, opts.batch_size), desc=desc, criterion=criterion,
+        options=FinetuneOptions(lr=lr, momentum=0.9, weight_decay=1e-4, bf16=_bf16_training(opts), device=str(device)),
+    )
     model.to("cpu").eval()
     if criterion is not None and hasattr(criterion, "teacher"):
         criterion.teacher.to("cpu")

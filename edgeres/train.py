@@ -19,7 +19,7 @@ import pickle
 import shutil
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from torch import nn
 from edgeres.checkpoint import checkpoint_dict, save_checkpoint
 from edgeres.data import Dataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
+from edgeres.finetune import run_epoch, step_bar
 from edgeres.io import MARKER, atomic_write, check_output_dir, made_by_edgeres, write_marker
-from edgeres.progress import info, progress
+from edgeres.progress import info
 
 SCHEDULES = ("step", "cosine", "constant")
 STEP_POINTS = (0.5, 0.75)  # lr /10 at 32k and 48k of 64k iterations (He et al. 2015, sec. 4.2)
@@ -55,11 +56,6 @@ class EvalResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class EpochStats:
-    loss: float
-    accuracy: float
-    images: int
 
 
 @dataclass(frozen=True)
@@ -102,67 +98,8 @@ class TrainResult:
 # ---------------------------------------------------------------- one epoch, evaluation
 
 
-@contextlib.contextmanager
-def _bar(desc: str, total: int | None, show: bool) -> Iterator[Callable[[str], None]]:
-    """Yield `advance(status)`; a bar on stderr only where `show` (rank 0)."""
-    if not show:
-        yield lambda status: None
-        return
-    with progress() as bar:
-        task = bar.add_task(desc, total=total, status="")
-        yield lambda status: bar.update(task, advance=1, status=status)
 
 
-def run_epoch(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    *,
-    total: int | None = None,
-    desc: str = "train",
-    device: torch.device | str = "cpu",
-    scaler: torch.amp.GradScaler | None = None,
-    bf16: bool = False,
-    channels_last: bool = False,
-    criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    show: bool = True,
-) -> EpochStats:
-    """One pass of SGD over `batches`; `scheduler` steps per iteration when given.
-
-    Mixed precision: float16 with `scaler` (CUDA), or bfloat16 autocast with `bf16` (CPUs with native
-    bf16 such as AMX). `criterion(logits, x, y)` replaces cross-entropy, e.g. a distillation loss.
-    """
-    model.train()
-    cross_entropy = nn.CrossEntropyLoss()
-    loss_of = criterion or (lambda logits, x, y: cross_entropy(logits, y))
-    loss_sum, correct, seen = 0.0, 0, 0
-    use_amp = scaler is not None or bf16
-    amp_dtype = torch.bfloat16 if bf16 else None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with _bar(desc, total, show) as advance:
-        for x, y in batches:
-            x = x.to(device, non_blocking=True, memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
-                loss = loss_of(logits.float(), x, y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            n = y.numel()
-            loss_sum += loss.item() * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-            advance(f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}%")
-    return EpochStats(loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1), seen)
 
 
 @torch.no_grad()
@@ -182,7 +119,7 @@ def evaluate(
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum, correct, seen = 0.0, 0, 0
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with _bar(desc, total, show) as advance:
+    with step_bar(desc, total, show) as advance:
         for x, y in batches:
             x, y = x.to(device, memory_format=fmt), y.to(device)
             with torch.autocast(device_type=torch.device(device).type, enabled=amp):

@@ -7,8 +7,8 @@ from torch import nn
 
 from edgeres.compress.distill import Distillation
 from edgeres.errors import EdgeresError
+from edgeres.finetune import run_epoch
 from edgeres.models import create
-from edgeres.train import run_epoch
 
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([0, 1, 2, 3, 4, 5])

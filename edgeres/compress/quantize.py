@@ -20,6 +20,7 @@ from torch import nn
 
 from edgeres.compress.fold_bn import fold_bn
 from edgeres.errors import CheckpointError, ModelError
+from edgeres.finetune import FinetuneOptions, finetune
 from edgeres.io import atomic_write
 
 
@@ -123,16 +124,12 @@ def qat(
     if epochs < 1 or steps_per_epoch < 1:
         raise ModelError(f"QAT needs epochs >= 1 and steps_per_epoch >= 1, got {epochs} and {steps_per_epoch}")
     options = options or QatOptions()
-    params = [p for p in qmodel.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    from edgeres.train import run_epoch
-
-    for epoch in range(epochs):
-        stats = run_epoch(qmodel, train_batches_fn(epoch), optimizer, scheduler, total=steps_per_epoch,
-                          desc=f"QAT {epoch + 1}/{epochs}")
-        if on_epoch is not None:
-            on_epoch(epoch, stats.loss, stats.accuracy)
+    history = finetune(qmodel, train_batches_fn, epochs, steps_per_epoch=steps_per_epoch, desc="QAT",
+                       options=FinetuneOptions(lr=options.lr, momentum=options.momentum,
+                                               weight_decay=options.weight_decay))
+    if on_epoch is not None:
+        for entry in history:
+            on_epoch(entry["epoch"] - 1, entry["loss"], entry["train_accuracy"])
     return qmodel.eval()
 
 
