@@ -206,21 +206,14 @@ def sidecar_text(engine: str | os.PathLike) -> str | None:
 
 
 def read(path: str | os.PathLike) -> ArtifactMeta:
-    """The record an artifact carries: ONNX metadata_props, IR rt_info, or the sidecar beside an engine."""
+    """The record an artifact carries, as its backend keeps it (`Backend.meta_text`): ONNX metadata_props,
+    IR rt_info, or the sidecar beside an engine."""
     path = Path(path)
     if not path.is_file():
         raise EdgeresError(f"artifact {path} not found")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        text, where = onnx_meta_text(path), "its metadata_props"
-    elif suffix == ".xml":
-        from edgeres.backends.openvino import ir_meta_text
+    from edgeres.backends.base import get_backend, runtime_for
 
-        text, where = ir_meta_text(path), "its rt_info"
-    elif suffix in (".engine", ".plan"):
-        text, where = sidecar_text(path), f"{SIDECAR} beside it"
-    else:
-        raise EdgeresError(f"cannot tell what {path.name} is; expected .onnx, .xml (OpenVINO IR) or .engine")
+    text, where = get_backend(runtime_for(path)).meta_text(path)  # each runtime keeps the record its own way
     if text is None:
         raise EdgeresError(f"{path} carries no edgeres metadata in {where} (made by an older edgeres or another "
                            "tool); re-export it with `edgeres export`")

@@ -12,14 +12,11 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgeres.errors import EdgeresError, TargetError
-
-if TYPE_CHECKING:
-    from edgeres.targets import Target
 
 Session = Any  # the runtime's own session object (ort.InferenceSession, a TensorRT context, ...)
 
@@ -54,9 +51,12 @@ class Backend(Protocol):
 
     def flavour(self, qdq: Any) -> Any: ...  # onnx.ModelProto in the exporter's Q/DQ -> this runtime's dialect
 
-    def compile(self, onnx: Path, target: Target, out: Path) -> Artifact: ...
+    # `target` is an edgeres.targets.Target (not imported here: targets asks this registry for runtime names)
+    def compile(self, onnx: Path, target: Any, out: Path) -> Artifact: ...
 
     def open(self, path: Path) -> Artifact: ...  # an artifact on disk: precision and bytes read from the file
+
+    def meta_text(self, path: Path) -> tuple[str | None, str]: ...  # its edgeres metadata record, and where kept
 
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> Session: ...
 

@@ -354,6 +354,10 @@ class OpenVINOBackend:
         path = Path(path)
         return Artifact(path=path, runtime=self.name, precision=ir_precision(path), meta={"bytes": ir_bytes(path)})
 
+    def meta_text(self, path: Path) -> tuple[str | None, str]:
+        """The edgeres metadata record in the IR's rt_info (None without one), and where it was looked for."""
+        return ir_meta_text(path), "its rt_info"
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> OpenVINOSession:
         if options is not None and options.device not in (None, "cpu"):
             raise ExportError(f"the openvino backend runs on the CPU only, got device {options.device!r}")

@@ -281,6 +281,12 @@ class OrtBackend:
         path = Path(path)
         return Artifact(path=path, runtime=self.name, precision=precision_of(path), meta={"bytes": path.stat().st_size})
 
+    def meta_text(self, path: Path) -> tuple[str | None, str]:
+        """The edgeres metadata record in the file's metadata_props (None without one), and where it was looked for."""
+        from edgeres.artifact_meta import onnx_meta_text
+
+        return onnx_meta_text(path), "its metadata_props"
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None):
         import onnxruntime as ort
 

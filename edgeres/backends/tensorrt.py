@@ -901,6 +901,12 @@ class TensorRTBackend:
         precision = meta.get("precision", "unknown") if isinstance(meta, dict) else "unknown"
         return Artifact(path=path, runtime=self.name, precision=str(precision), meta={"bytes": path.stat().st_size})
 
+    def meta_text(self, path: Path) -> tuple[str | None, str]:
+        """An engine carries no metadata: the bundle's sidecar beside it holds the record (None without one)."""
+        from edgeres.artifact_meta import SIDECAR, sidecar_text
+
+        return sidecar_text(path), f"{SIDECAR} beside it"
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> _Session:
         import_tensorrt()
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
