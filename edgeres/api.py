@@ -1,4 +1,8 @@
-"""The Python API behind each CLI command: typed arguments in, result dataclasses out."""
+"""The Python API, one door: a keyword-only function per CLI command, typed arguments in, a result record out.
+
+The option records the commands take (ExportOptions, BenchOptions, FitOptions, TrainConfig) are handed on
+from here, so `cli.py` needs this module and `report` alone.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,18 @@ from typing import TYPE_CHECKING
 
 from edgeres import data, models
 from edgeres.checkpoint import load_model, require_weights, untrained
+from edgeres.fit import FitOptions, FitReport
+from edgeres.latency import BenchOptions
 from edgeres.models.stats import count_macs, count_params
-from edgeres.report import RANDOM_WEIGHTS
-from edgeres.train import EvalResult, evaluate
+from edgeres.pipeline import ExportOptions
+from edgeres.report import RANDOM_WEIGHTS, ExportReport
+from edgeres.train import SCHEDULES, EvalResult, TrainConfig, evaluate
 
 if TYPE_CHECKING:
-    from edgeres.train import TrainConfig, TrainResult
+    from edgeres.bench import BenchResult
+    from edgeres.train import TrainResult
+
+__all__ = ["SCHEDULES", "BenchOptions", "ExportOptions", "FitOptions", "TrainConfig"]  # records the CLI builds
 
 WRN_EXAMPLES = ("wrn-16-4", "wrn-16-8", "wrn-28-10", "wrn-40-4")
 
@@ -336,3 +346,63 @@ def predict(path: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         order = np.argsort(-probs, kind="stable")[:top_k]
         predictions.append(Prediction(str(img), [(int(i), meta.class_name(int(i)), float(probs[i])) for i in order]))
     return PredictReport(str(path), artifact.runtime, artifact.precision, meta.model, predictions)
+
+
+def export(
+    model: str | None,
+    *,
+    weights: str | os.PathLike | None = None,
+    data_spec: str | None = None,
+    out: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    options: ExportOptions = ExportOptions(),
+    **arch,
+) -> ExportReport:
+    """Export `model` for `options.target`: each variant's size, latency and top-1 error, written to `out`."""
+    from edgeres import pipeline
+
+    return pipeline.export(model, weights=weights, data_spec=data_spec, out=out, num_classes=num_classes,
+                           options=options, **arch)
+
+
+def bench(artifact: str | os.PathLike, *, options: BenchOptions = BenchOptions()) -> BenchResult:
+    """Latency percentiles, throughput and peak memory of an artifact, measured in a fresh worker process."""
+    from edgeres.bench import bench_path
+
+    return bench_path(artifact, options)
+
+
+def fit(*, options: FitOptions) -> FitReport:
+    """Every WRN-D-k (and pruning ratio) sized for a target, and the pick."""
+    from edgeres.fit import fit_wrn
+
+    return fit_wrn(options)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """The engine `edgeres build` made or reused, and the device it was built for."""
+
+    engine: str
+    meta: dict
+
+    @property
+    def title(self) -> str:
+        m = self.meta
+        return (f"{self.engine}: TensorRT {m.get('tensorrt_version')} on {m.get('gpu_name')} "
+                f"(CC {m.get('compute_capability')})")
+
+    def to_dict(self) -> dict:
+        return {"engine": self.engine, **self.meta}
+
+    def table_rows(self):
+        keys = ("precision", "tensorrt_version", "gpu_name", "compute_capability", "dla_core")
+        return ["engine", *keys], [[Path(self.engine).name, *(self.meta.get(k) for k in keys)]]
+
+
+def build(bundle: str | os.PathLike, *, dla_core: int | None = None) -> BuildReport:
+    """On the device: build (or reuse, when its fingerprint matches) the TensorRT engine of an export bundle."""
+    from edgeres.backends.tensorrt import ensure_engine, read_engine_meta
+
+    engine = ensure_engine(bundle, dla_core=dla_core)
+    return BuildReport(str(engine), read_engine_meta(engine) or {})

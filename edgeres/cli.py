@@ -50,6 +50,12 @@ def _no_weight_conflict(model: str | None, weights: Path | None, random_init: bo
                                  param_hint="--random-init")
 
 
+def _one_precision(int8: bool, fp16: bool) -> None:
+    """--int8 with --fp16 is a usage conflict (exit 2); the library checks the same for API callers."""
+    if int8 and fp16:
+        raise typer.BadParameter("pass --int8 or --fp16, not both", param_hint="--int8/--fp16")
+
+
 @contextlib.contextmanager
 def _library_output_to_stderr() -> Iterator[None]:
     """Libraries that print (NNCF's progress bars and logger) write to stderr, so stdout stays JSON/table only."""
@@ -124,11 +130,10 @@ def train_cmd(
     """Train MODEL with the paper recipe (or fine-tune from --weights); checkpoints every epoch."""
     from edgeres import api
     from edgeres.report import render
-    from edgeres.train import SCHEDULES, TrainConfig
 
-    if schedule not in SCHEDULES:
-        raise typer.BadParameter(f"must be one of {', '.join(SCHEDULES)}", param_hint="--schedule")
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+    if schedule not in api.SCHEDULES:
+        raise typer.BadParameter(f"must be one of {', '.join(api.SCHEDULES)}", param_hint="--schedule")
+    config = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          schedule=schedule, seed=seed)
     with _library_output_to_stderr():
         result = api.train(model, data_spec=data, out=out, config=config, weights=weights, num_classes=num_classes,
@@ -182,19 +187,19 @@ def export_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
-    from edgeres.latency import BenchOptions
-    from edgeres.pipeline import ExportOptions, export
+    from edgeres import api
     from edgeres.report import render
 
     _no_weight_conflict(model, weights, random_init)
-    opts = ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs, prune_lr=prune_lr,
-                         distill=distill, train_precision=train_precision, train_device=train_device,
-                         qat_epochs=qat_epochs,
-                         qat_lr=qat_lr, calib=calib_set, calib_size=calib, eval_limit=eval_limit,
-                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads), random_init=random_init)
+    _one_precision(int8, fp16)
+    opts = api.ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs,
+                             prune_lr=prune_lr, distill=distill, train_precision=train_precision,
+                             train_device=train_device, qat_epochs=qat_epochs, qat_lr=qat_lr, calib=calib_set,
+                             calib_size=calib, eval_limit=eval_limit, random_init=random_init,
+                             bench=api.BenchOptions(batch_sizes=(1, 64), threads=threads))
     with _library_output_to_stderr():
-        report = export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
-                        **_arch(width, shortcut, input_size, None))
+        report = api.export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
+                            **_arch(width, shortcut, input_size, None))
     render(report, as_json=as_json, notes=report.notes)
 
 
@@ -208,12 +213,11 @@ def bench_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Latency p50/p90/p99, throughput and peak memory of ARTIFACT, after warm-up."""
-    from edgeres.bench import bench_path
-    from edgeres.latency import BenchOptions
+    from edgeres import api
     from edgeres.report import render
 
     with _library_output_to_stderr():
-        result = bench_path(artifact, BenchOptions(_batch_sizes(batch), warmup, runs, threads))
+        result = api.bench(artifact, options=api.BenchOptions(_batch_sizes(batch), warmup, runs, threads))
     render(result, as_json=as_json)
 
 
@@ -281,17 +285,10 @@ def build_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """On the device: build (or reuse, if its fingerprint matches) the TensorRT engine of BUNDLE."""
-    import json as _json
+    from edgeres import api
+    from edgeres.report import render
 
-    from edgeres.backends.tensorrt import ensure_engine, read_engine_meta
-
-    engine = ensure_engine(bundle, dla_core=dla_core)
-    meta = read_engine_meta(engine) or {}
-    if as_json:
-        sys.stdout.write(_json.dumps({"engine": str(engine), **meta}, indent=2) + "\n")
-    else:
-        typer.echo(f"{engine}: TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')} "
-                   f"(CC {meta.get('compute_capability')})")
+    render(api.build(bundle, dla_core=dla_core), as_json=as_json)
 
 
 @app.command("fit")
@@ -316,26 +313,23 @@ def fit_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Pick the widest Wide-ResNet (and pruning ratio) that fits TARGET's memory and latency budget."""
-    from edgeres.errors import EdgeresError
-    from edgeres.fit import FitOptions, fit_wrn
+    from edgeres import api
     from edgeres.report import render
-    from edgeres.train import TrainConfig
 
     if family.lower() != "wrn":
         raise EdgeresError(f"fit sizes Wide ResNets; got {family!r}, use `edgeres fit wrn`")
-    if int8 and fp16:
-        raise EdgeresError("pass --int8 or --fp16, not both")
+    _one_precision(int8, fp16)
     try:
         ratios = tuple(float(r) for r in prune.split(",")) if prune else ()
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated fractions, got {prune!r}", param_hint="--prune") from None
-    opts = FitOptions(depth=depth, target=target, budget_mb=budget_mb,
+    opts = api.FitOptions(depth=depth, target=target, budget_mb=budget_mb,
                       precision="int8" if int8 else "fp16" if fp16 else None, batch=batch, latency_ms=latency_ms,
                       prune=ratios, runs=str(runs) if runs else None, max_width=max_width, train=train,
-                      train_frontier=train_frontier, train_config=TrainConfig(epochs=epochs), train_data=data,
+                      train_frontier=train_frontier, train_config=api.TrainConfig(epochs=epochs), train_data=data,
                       plot=str(plot) if plot else None)
     with _library_output_to_stderr():
-        report = fit_wrn(opts)
+        report = api.fit(options=opts)
     render(report, as_json=as_json, notes=report.notes)
 
 
@@ -352,9 +346,9 @@ def main() -> None:
     except EdgeresError as exc:
         if os.environ.get("EDGERES_DEBUG"):
             raise
-        from edgeres.progress import console
+        from edgeres.report import print_error
 
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

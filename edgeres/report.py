@@ -190,3 +190,10 @@ def combine(dirs: list[str | Path]) -> CombinedReport:
             raise EdgeresError(f"{path} is not an edgeres report ({exc})") from exc
     rows.sort(key=lambda r: (r.model, r.target, r.pruned, _PRECISION_ORDER.get(r.precision, 9), r.variant))
     return CombinedReport(rows, [str(d) for d in dirs])
+
+
+def print_error(message: str) -> None:
+    """The one red `error: ...` line on stderr that a user error becomes."""
+    from edgeres.progress import console
+
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

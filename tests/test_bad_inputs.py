@@ -240,7 +240,7 @@ CASES = [
     Case("eval-no-weights", ("eval", "resnet20", "--data", "synthetic"), "--random-init"),
     Case("eval-random-init-and-weights", ("eval", "resnet20", "--weights", "{ws}/good.pt", "--random-init"),
          "--random-init", code=2),
-    Case("export-int8-and-fp16", ("export", "resnet20", *R, "--int8", "--fp16"), "not both"),
+    Case("export-int8-and-fp16", ("export", "resnet20", *R, "--int8", "--fp16"), "not both", code=2),
     Case("export-prune-out-of-range", ("export", "resnet20", *R, "--prune", "1.5"), "--prune must be"),
     Case("export-unknown-width-option", ("export", "resnet20", *R, "--width", "4"), "does not take the option"),
     Case("train-zero-epochs", ("train", "wrn-10-1", "--data", "synthetic", "--epochs", "0", "--out", "{ws}/run"),
