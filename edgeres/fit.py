@@ -212,6 +212,7 @@ class RunRecord:
 def read_runs(root: str | Path) -> tuple[list[RunRecord], list[str]]:
     """Runs written by `edgeres train` under `root` (each: history.json + best.pt/last.pt): best test error."""
     from edgeres.checkpoint import read_checkpoint
+    from edgeres.train import run_data_name
 
     root = Path(root)
     if not root.is_dir():
@@ -235,7 +236,7 @@ def read_runs(root: str | Path) -> tuple[list[RunRecord], list[str]]:
         if not accs or ckpt.model is None:
             notes.append(f"{run}: no test evaluation or no model name recorded; skipped")
             continue
-        data = _run_data(run)
+        data = run_data_name(run)
         if data == "synthetic":
             notes.append(f"{run}: trained on synthetic data, not an accuracy; skipped")
             continue
@@ -243,17 +244,6 @@ def read_runs(root: str | Path) -> tuple[list[RunRecord], list[str]]:
     if not records:
         notes.append(f"no usable runs under {root}")
     return records, notes
-
-
-def _run_data(run: Path) -> str:
-    last = run / "last.pt"
-    if not last.is_file():
-        return "unknown"
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  (the data name is informative only)
-        return "unknown"
-    return str((state.get("data") or {}).get("name", "unknown")) if isinstance(state, dict) else "unknown"
 
 
 def expected_error(model: str, depth: int, width: int, spec: str | None, dataset: str,

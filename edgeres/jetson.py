@@ -6,7 +6,6 @@ branch is rendered from `backends.tensorrt.trtexec_command`, the one source of t
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -57,10 +56,6 @@ BRANCHES = (
 def noqdq_name(onnx_name: str) -> str:
     """`model.onnx` -> `model.noqdq.onnx`, the Q/DQ-free ONNX the DLA builds read."""
     return f"{Path(onnx_name).stem}.noqdq.onnx"
-
-
-def dla_engine_name(core: int) -> str:
-    return f"model.dla{core}.engine"
 
 
 @dataclass(frozen=True)
@@ -156,18 +151,18 @@ def write_bundle_extras(
             cache = bundle / CALIBRATION_CACHE
             written.append(trt_backend.write_calibration_cache(cache, scales, _cache_version(target)))
 
-    settings = {
-        "target": target.name, "precision": precision, "onnx": onnx_name, "input_shape": list(shape),
-        "onnx_noqdq": noqdq_name(onnx_name) if dla else None,
-        "calibration_cache": CALIBRATION_CACHE if cache else None,
-        "workspace_mb": trt_backend.workspace_cap_mb(target, workspace_mb),
-    }
+    settings = trt_backend.BuildSettings(
+        target=target.name, precision=precision, onnx=onnx_name, input_shape=tuple(shape),
+        onnx_noqdq=noqdq_name(onnx_name) if dla else None,
+        calibration_cache=CALIBRATION_CACHE if cache else None,
+        workspace_mb=trt_backend.workspace_cap_mb(target, workspace_mb),
+    )
+    written.append(settings.write(bundle))
     files = {
-        trt_backend.BUILD_SETTINGS: json.dumps(settings, indent=2) + "\n",
         "build.sh": build_script(target, onnx_name=onnx_name, precision=precision, dla=dla,
                                  has_cache=cache is not None, workspace_mb=workspace_mb, shapes=shapes),
         "README.md": device_readme(target, onnx_name=onnx_name, precision=precision, shape=shape, dla=dla,
-                                   runner=bool(written and written[-1].name == RUNNER), meta=meta),
+                                   runner=any(p.name == RUNNER for p in written), meta=meta),
     }
     for name, text in files.items():
         with atomic_write(bundle / name) as tmp:
@@ -232,7 +227,7 @@ def _branch_lines(target: Target, branch: VersionBranch, *, onnx_name: str, prec
     cache = DEVICE_CACHE if has_cache else None
     for core in range(target.dla_cores):
         try:
-            cmd = trt_backend.trtexec_command(noqdq_name(onnx_name), dla_engine_name(core), target,
+            cmd = trt_backend.trtexec_command(noqdq_name(onnx_name), trt_backend.dla_engine_name(core), target,
                                               branch.example, dla_core=core, calib_cache=cache, **common)
         except TargetError as exc:
             lines.append(f'note "TensorRT $TRT_VERSION: no DLA engine: "{_quote_reason(exc, branch)}')
@@ -359,7 +354,7 @@ def device_readme(target: Target, *, onnx_name: str, precision: str, shape: tupl
              f"- Memory bandwidth: {t.mem_bandwidth_gbs} GB/s" if t.mem_bandwidth_gbs else None]
     jetpack = "\n".join(f"| {r.jetpack} | {r.tensorrt} |" for r in (t.tensorrt.jetpack if t.tensorrt else ()))
     dla_text = (
-        f"\nOn this board build.sh also builds `{dla_engine_name(0)}` (and one engine per DLA core) from\n"
+        f"\nOn this board build.sh also builds `{trt_backend.dla_engine_name(0)}` (and one engine per DLA core) from\n"
         f"`{noqdq_name(onnx_name)}` (the model without Q/DQ) and `{CALIBRATION_CACHE}` (the same INT8\n"
         "scales as a TensorRT calibration cache): the DLA has no explicit-Q/DQ path, and DLA builds need\n"
         "TensorRT <= 10.7. On newer TensorRT only the GPU engine is built.\n"

@@ -540,3 +540,15 @@ def _write_epoch(run: _Run, model: nn.Module, training_state: dict, improved: bo
     if test:
         line += f"  test {test['top1_accuracy']:.2f}% (best {best:.2f}%)"
     info(line + f"  {entry['seconds']:.1f}s")
+
+
+def run_data_name(run: str | os.PathLike) -> str:
+    """The data set a run folder's model trained on, as its last.pt records it; "unknown" when it cannot tell."""
+    last = Path(run) / "last.pt"
+    if not last.is_file():
+        return "unknown"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (the data name is informative only)
+        return "unknown"
+    return str((state.get("data") or {}).get("name", "unknown")) if isinstance(state, dict) else "unknown"

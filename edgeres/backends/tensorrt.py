@@ -53,7 +53,48 @@ WORKSPACE_FRACTION = 4        # workspace at most 1/4 of the board's memory (CPU
 STRONGLY_TYPED_FROM = (10, 12)
 LAST_DLA = (10, 7)            # "TensorRT 10.7 was the last release that supported DLA" [TRT11-DLA]
 ENGINE_NAME = "model.engine"
-BUILD_SETTINGS = "build.json"  # written into a bundle by edgeres.jetson, read by ensure_engine
+BUILD_SETTINGS = "build.json"  # a bundle's BuildSettings: written by edgeres.jetson, read by ensure_engine
+
+
+def dla_engine_name(core: int) -> str:
+    """The engine file a bundle's DLA core `core` builds: model.dla<core>.engine."""
+    return f"model.dla{core}.engine"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How a bundle's engine is built (build.json), written at export and read on the device by the same code."""
+
+    target: str
+    precision: str
+    onnx: str
+    input_shape: tuple[int, ...]
+    onnx_noqdq: str | None = None  # the Q/DQ-free ONNX the DLA builds from (with the calibration cache)
+    calibration_cache: str | None = None
+    workspace_mb: int | None = None
+
+    def write(self, bundle: str | os.PathLike) -> Path:
+        path = Path(bundle) / BUILD_SETTINGS
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({**asdict(self), "input_shape": list(self.input_shape)}, indent=2) + "\n",
+                           encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, bundle: str | os.PathLike) -> BuildSettings:
+        """The bundle's settings; one-line errors for a missing or damaged build.json."""
+        path = Path(bundle) / BUILD_SETTINGS
+        if not path.is_file():
+            raise EdgeresError(f"{bundle} has no {BUILD_SETTINGS}; "
+                               "export it with `edgeres export --target jetson` first")
+        try:
+            d = json.loads(path.read_text())
+            return cls(target=str(d["target"]), precision=str(d["precision"]), onnx=str(d["onnx"]),
+                       input_shape=tuple(int(v) for v in d.get("input_shape") or ()),
+                       onnx_noqdq=d.get("onnx_noqdq"), calibration_cache=d.get("calibration_cache"),
+                       workspace_mb=d.get("workspace_mb"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EdgeresError(f"{path} is damaged ({type(exc).__name__}: {exc}); export the bundle again") from exc
 # Ops that keep the quantization scale of their input (the Q/DQ-Translator's
 # DEFAULT_OPS_TO_INFER_ADJACENT_SCALES, NVIDIA/Deep-Learning-Accelerator-SW tools/qdq-translator,
 # without Sigmoid, whose output range differs from its input's).
@@ -792,26 +833,20 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
 
     log = log or sys.stderr
     bundle = Path(bundle_dir)
-    settings_path = bundle / BUILD_SETTINGS
-    if not settings_path.is_file():
-        raise EdgeresError(f"{bundle} has no {BUILD_SETTINGS}; "
-                           "export it with `edgeres export --target jetson` first")
+    if not (bundle / BUILD_SETTINGS).is_file():
+        BuildSettings.read(bundle)  # the one-line error for a missing build.json
     if not made_by_edgeres(bundle, "export"):
         raise EdgeresError(f"{bundle} is not an export folder edgeres made (no manifest.json); "
                            "export it with `edgeres export --target jetson-...`")
-    try:
-        settings = json.loads(settings_path.read_text())
-        target = targets.load(settings["target"])
-        for key in ("onnx", "precision"):
-            settings[key]  # noqa: B018  (present, or the record is damaged)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise EdgeresError(f"{settings_path} is damaged ({type(exc).__name__}: {exc}); export the bundle again") \
-            from exc
+    settings = BuildSettings.read(bundle)
+    target = targets.load(settings.target)
     if dla_core is None:
-        onnx, engine, cache = bundle / settings["onnx"], bundle / ENGINE_NAME, None
+        onnx, engine, cache = bundle / settings.onnx, bundle / ENGINE_NAME, None
     else:
-        onnx, engine = bundle / settings["onnx_noqdq"], bundle / f"model.dla{dla_core}.engine"
-        cache = bundle / settings["calibration_cache"] if settings.get("calibration_cache") else None
+        if settings.onnx_noqdq is None:
+            raise EdgeresError(f"{bundle} was exported without DLA files; export it again for a board with DLA cores")
+        onnx, engine = bundle / settings.onnx_noqdq, bundle / dla_engine_name(dla_core)
+        cache = bundle / settings.calibration_cache if settings.calibration_cache else None
     device = detect_device()
     meta = read_engine_meta(engine)
     if engine.is_file() and meta is not None:
@@ -823,8 +858,8 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
         print(f"{engine.name} does not fit this device ({'; '.join(reasons)}); rebuilding", file=log)
     elif engine.is_file():
         print(f"{engine.name} has no build record; rebuilding", file=log)
-    return build_engine(onnx, engine, target, workspace_mb=settings.get("workspace_mb"), dla_core=dla_core,
-                        calib_cache=cache, precision=settings["precision"])
+    return build_engine(onnx, engine, target, workspace_mb=settings.workspace_mb, dla_core=dla_core,
+                        calib_cache=cache, precision=settings.precision)
 
 
 # --- the Backend -----------------------------------------------------------------------------------------
