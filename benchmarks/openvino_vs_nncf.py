@@ -33,10 +33,11 @@ from edgeres import export as E
 from edgeres.backends.base import Artifact, RuntimeOptions, get_backend
 from edgeres.backends.openvino import ir_bytes, to_openvino_flavour
 from edgeres.backends.ort import to_cpu_flavour
-from edgeres.bench import evaluate_session, speed_ratio
+from edgeres.bench import speed_ratio
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model
 from edgeres.compress.quantize import ptq, strip
+from edgeres.evaluate import evaluate_session
 
 
 def build(model_name: str, tmp: Path, weights: str | None = None

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 from edgeres import data, models
 from edgeres.checkpoint import load_model, require_weights, untrained
+from edgeres.evaluate import EvalResult, evaluate
 from edgeres.fit import FitOptions, FitReport
 from edgeres.latency import BenchOptions
 from edgeres.models.stats import count_macs, count_params
 from edgeres.pipeline import ExportOptions
 from edgeres.report import RANDOM_WEIGHTS, ExportReport
-from edgeres.train import SCHEDULES, EvalResult, TrainConfig, evaluate
+from edgeres.train import SCHEDULES, TrainConfig
 
 if TYPE_CHECKING:
     from edgeres.bench import BenchResult
@@ -245,8 +246,8 @@ def eval_artifact(
     """
     from edgeres import artifact_meta
     from edgeres.backends.base import get_backend, open_artifact
-    from edgeres.bench import evaluate_session
     from edgeres.errors import DataError
+    from edgeres.evaluate import evaluate_session
 
     artifact = open_artifact(path)
     meta = artifact_meta.read(path)

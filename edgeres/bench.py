@@ -121,18 +121,3 @@ def bench_path(path: str | os.PathLike, options: BenchOptions = BenchOptions()) 
     return bench_artifact(open_artifact(path), options)
 
 
-def evaluate_session(backend, session, ds, *, mean, std, batch_size: int = 256, desc: str = "eval"):
-    """Top-1 of a compiled artifact, run through its runtime, over a whole data set."""
-    from edgeres.data import batches, num_batches
-    from edgeres.progress import progress
-    from edgeres.train import result_from_counts
-
-    correct = seen = 0
-    with progress() as bar:
-        task = bar.add_task(desc, total=num_batches(ds, batch_size), status="")
-        for x, y in batches(ds, batch_size, mean=mean, std=std):
-            logits = backend.run(session, x.numpy())
-            correct += int((logits.argmax(1) == y.numpy()).sum())
-            seen += len(y)
-            bar.update(task, advance=1, status=f"acc {100 * correct / seen:.2f}%")
-    return result_from_counts(correct, seen)

@@ -19,10 +19,11 @@ from torch import nn
 
 from edgeres import artifact_meta, data, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
-from edgeres.bench import artifact_bytes, evaluate_session, host_text
+from edgeres.bench import artifact_bytes, host_text
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.errors import EdgeresError
+from edgeres.evaluate import evaluate_session
 from edgeres.hostcpu import describe, has_native_bf16
 from edgeres.io import atomic_dir, atomic_write, check_output_dir, sha256sum
 from edgeres.latency import BenchOptions, Worker

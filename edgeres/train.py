@@ -19,7 +19,6 @@ import pickle
 import shutil
 import time
 import zipfile
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from torch import nn
 from edgeres.checkpoint import checkpoint_dict, save_checkpoint
 from edgeres.data import Dataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
-from edgeres.finetune import run_epoch, step_bar
+from edgeres.evaluate import EvalResult, evaluate, result_from_counts
+from edgeres.finetune import run_epoch
 from edgeres.io import MARKER, atomic_write, check_output_dir, made_by_edgeres, write_marker
 from edgeres.progress import info
 
@@ -42,18 +42,6 @@ STATE = "edgeres-train-state/1"
 NOT_COMPARED = ("device",)  # config fields that may change between a run and its resume
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """Top-1 on a data split; accuracy and error in percent."""
-
-    correct: int
-    total: int
-    top1_accuracy: float
-    top1_error: float
-    loss: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 
@@ -102,39 +90,8 @@ class TrainResult:
 
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    total: int | None = None,
-    desc: str = "eval",
-    device: torch.device | str = "cpu",
-    channels_last: bool = False,
-    amp: bool = False,
-    show: bool = True,
-) -> EvalResult:
-    """Top-1 accuracy/error (percent) of `model` over `batches`."""
-    model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct, seen = 0.0, 0, 0
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with step_bar(desc, total, show) as advance:
-        for x, y in batches:
-            x, y = x.to(device, memory_format=fmt), y.to(device)
-            with torch.autocast(device_type=torch.device(device).type, enabled=amp):
-                logits = model(x)
-            loss_sum += float(criterion(logits.float(), y))
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            advance(f"acc {100 * correct / seen:.2f}%")
-    return result_from_counts(correct, seen, loss_sum)
 
 
-def result_from_counts(correct: int, total: int, loss_sum: float = float("nan")) -> EvalResult:
-    acc = 100.0 * correct / max(total, 1)
-    loss = loss_sum / max(total, 1)
-    return EvalResult(int(correct), int(total), round(acc, 4), round(100.0 - acc, 4), loss)
 
 
 # ---------------------------------------------------------------- the recipe's pieces

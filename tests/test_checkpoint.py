@@ -9,7 +9,7 @@ from edgeres.errors import CheckpointError
 
 def test_research_layout_loads_and_matches_known_accuracy_subset(resnet20_weights, cifar_test):
     from edgeres import data
-    from edgeres.train import evaluate
+    from edgeres.evaluate import evaluate
 
     m = checkpoint.load_model("resnet20", resnet20_weights)
     sub = data.subset(cifar_test, 1000, seed=0)

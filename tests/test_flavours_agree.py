@@ -6,7 +6,7 @@ import torch
 from edgeres import calibration, checkpoint
 from edgeres.backends.ort import OrtBackend, to_cpu_flavour
 from edgeres.backends.tensorrt import to_tensorrt_flavour
-from edgeres.bench import evaluate_session
+from edgeres.evaluate import evaluate_session
 from edgeres.export import export_onnx, save_onnx
 
 
