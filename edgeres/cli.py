@@ -116,8 +116,10 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Per process")] = 128,
     lr: float = 0.1,
     weight_decay: Annotated[float | None, typer.Option(help="Default: 1e-4 ResNet, 5e-4 WRN")] = None,
-    schedule: Annotated[str, typer.Option(help="step (/10 at 50% and 75%), cosine or constant (no decay)")] = "step",
+    schedule: Annotated[str, typer.Option(help="step (/10 at 50% and 75%), cosine, or constant (no decay)")] = "step",
+    momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
     seed: int = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N; default: cuda when available")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt")] = False,
     subset: Annotated[int | None, typer.Option(help="Train on a class-balanced subset of N images")] = None,
     weights: WeightsOpt = None,
@@ -133,8 +135,8 @@ def train_cmd(
 
     if schedule not in api.SCHEDULES:
         raise typer.BadParameter(f"must be one of {', '.join(api.SCHEDULES)}", param_hint="--schedule")
-    config = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         schedule=schedule, seed=seed)
+    config = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay, schedule=schedule, seed=seed, device=device)
     with _library_output_to_stderr():
         result = api.train(model, data_spec=data, out=out, config=config, weights=weights, num_classes=num_classes,
                            resume=resume, subset=subset, **_arch(width, shortcut, None, dropout))

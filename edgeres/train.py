@@ -1,8 +1,9 @@
 """Training and evaluation: one epoch, evaluation, and the paper recipe (He et al. 2015, sec. 4.2).
 
 `train_model` runs SGD with momentum 0.9, lr 0.1, batch 128 and lr /10 at 50% and 75% of the
-iterations (the paper's 32k and 48k of 64k), or a cosine schedule. Every epoch it writes
-`last.pt` (weights plus optimizer, scheduler, RNG and history) so `resume=True` continues to
+iterations (the paper's 32k and 48k of 64k), or a cosine schedule, or a constant lr. It runs on
+the GPU when there is one (or `device`); each epoch's test top-1 goes into the history. Every epoch it
+writes `last.pt` (weights plus optimizer, scheduler, RNG and history) so `resume=True` continues to
 bitwise the same weights; `best.pt` is a plain edgeres checkpoint of the best test accuracy.
 Under torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel, each process on its
 shard of the data; only rank 0 writes files and prints.

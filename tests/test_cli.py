@@ -99,6 +99,20 @@ def test_train_then_eval_checkpoint_through_cli(tmp_path):
     assert json.loads(res.stdout)["top1_error"] == doc["final"]["top1_error"]
 
 
+def test_train_quarter_resnet34_constant_lr_records_test_accuracy_per_epoch(tmp_path):
+    out = tmp_path / "mini"
+    res = run("train", "resnet34_quarter", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--subset", "64",
+              "--lr", "0.01", "--schedule", "constant", "--momentum", "0.9", "--device", "cpu", "--out", str(out),
+              "--json")
+    assert res.exit_code == 0, res.output
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["lr"] for h in history] == [0.01, 0.01]  # no decay
+    assert all(0 <= h["test"]["top1_accuracy"] <= 100 and h["test"]["total"] > 0 for h in history)
+    assert json.loads(res.stdout)["history"] == history
+    assert run("train", "resnet34_quarter", "--schedule", "linear", "--out", str(tmp_path / "x")).exit_code == 2
+
+
 def test_targets_and_check_commands(tmp_path):
     res = run("targets", "--json")
     assert res.exit_code == 0

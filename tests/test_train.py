@@ -209,6 +209,7 @@ def test_step_and_cosine_lr_at_known_iterations():
     for schedule, expected in (
         ("step", [0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]),
         ("cosine", [0.1 * (1 + math.cos(math.pi * i / 8)) / 2 for i in range(8)]),
+        ("constant", [0.1] * 8),
     ):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         sched = make_scheduler(opt, TrainConfig(epochs=4, schedule=schedule), iters_per_epoch=2)
