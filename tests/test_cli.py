@@ -101,9 +101,9 @@ def test_train_then_eval_checkpoint_through_cli(tmp_path):
 
 def test_train_quarter_resnet34_constant_lr_records_test_accuracy_per_epoch(tmp_path):
     out = tmp_path / "mini"
-    res = run("train", "resnet34_quarter", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--subset", "64",
-              "--lr", "0.01", "--schedule", "constant", "--momentum", "0.9", "--device", "cpu", "--out", str(out),
-              "--json")
+    res = run("train", "resnet34_quarter", "--data", "synthetic", "--subset", "64", "--epochs", "2",
+              "--batch-size", "32", "--lr", "0.01", "--schedule", "constant", "--momentum", "0.9", "--device", "cpu",
+              "--out", str(out), "--json")
     assert res.exit_code == 0, res.output
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
