@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ from edgeres.latency import BenchOptions
 from edgeres.models.stats import count_macs, count_params
 from edgeres.pipeline import ExportOptions
 from edgeres.report import RANDOM_WEIGHTS, ExportReport
-from edgeres.train import SCHEDULES, TrainConfig
+from edgeres.train import SCHEDULES, TrainConfig, recipe
 
 if TYPE_CHECKING:
     from edgeres.bench import BenchResult
@@ -59,9 +59,12 @@ class ModelList:
 def list_models(pattern: str = "*") -> ModelList:
     """Every registered model (and common WRN sizes) with params and MACs."""
     names = [n for n in models.list_models() if n != "wrn-D-K"] + list(WRN_EXAMPLES)
+    import torch
+
     infos = []
     for name in fnmatch.filter(names, pattern):
-        m = models.create(name)
+        with torch.device("meta"):  # shapes only: no memory or init time for wide_resnet101_2's 127M weights
+            m = models.create(name)
         infos.append(ModelInfo(name, m.cfg.family, count_params(m), count_macs(m), m.cfg.input_size,
                                m.cfg.num_classes))
     return ModelList(infos)
@@ -75,23 +78,27 @@ class EvalReport:
     split: str
     result: EvalResult
     runtime: str = "pytorch"
+    skipped_images: int = 0  # undecodable files left out under --skip-bad-images
 
     @property
     def title(self) -> str:
-        return f"{self.model} on {self.data} ({self.split}, {self.runtime})"
+        skipped = f", {self.skipped_images} undecodable images skipped" if self.skipped_images else ""
+        return f"{self.model} on {self.data} ({self.split}, {self.runtime}{skipped})"
 
     def to_dict(self) -> dict:
         return {"model": self.model, "weights": self.weights, "data": self.data, "split": self.split,
-                "runtime": self.runtime, **self.result.to_dict()}
+                "runtime": self.runtime, **self.result.to_dict(), "skipped_images": self.skipped_images}
 
     def table_rows(self):
         r = self.result
+        cols = ["model", "top-1 acc %", "top-1 err %", "correct", "total"]
+        row = [self.model, r.top1_accuracy, r.top1_error, r.correct, r.total]
         if self.weights == RANDOM_WEIGHTS:
-            return (["model", "weights", "top-1 acc %", "top-1 err %", "correct", "total"],
-                    [[self.model, RANDOM_WEIGHTS, "n/a (random weights)", "n/a (random weights)", r.correct,
-                      r.total]])
-        return (["model", "top-1 acc %", "top-1 err %", "correct", "total"],
-                [[self.model, r.top1_accuracy, r.top1_error, r.correct, r.total]])
+            cols = ["model", "weights", *cols[1:]]
+            row = [self.model, RANDOM_WEIGHTS, "n/a (random weights)", "n/a (random weights)", r.correct, r.total]
+        if self.skipped_images:
+            cols, row = cols + ["skipped"], row + [self.skipped_images]
+        return cols, [row]
 
 
 def eval_model(
@@ -104,6 +111,7 @@ def eval_model(
     num_classes: int | None = None,
     limit: int | None = None,
     random_init: bool = False,
+    skip_bad_images: bool = False,
     **arch,
 ) -> EvalReport:
     """Top-1 of a PyTorch model (name + weights) on a data split; artifact files go through their runtime.
@@ -116,7 +124,7 @@ def eval_model(
         return eval_artifact(model, data_spec=data_spec, split=split, batch_size=batch_size, limit=limit)
     net = load_model(model, weights, num_classes=num_classes, new_head=False, **arch)
     random = require_weights(model, weights, random_init) or untrained(net)  # after the name is checked
-    ds = data.load_dataset(data_spec or net.cfg.dataset, split, image_size=net.cfg.input_size)
+    ds = data.for_model(net.cfg, data_spec, split, skip_bad_images=skip_bad_images)
     data.check_classes(ds, net.cfg.num_classes, net.cfg.name,
                        fix=f"fine-tune it for {ds.num_classes} classes first (edgeres train ... --num-classes "
                            f"{ds.num_classes}) or pass data with {net.cfg.num_classes} classes")
@@ -128,7 +136,14 @@ def eval_model(
     )
     name = "synthetic (smoke test, not an accuracy)" if ds.synthetic else ds.name
     return EvalReport(net.cfg.name, RANDOM_WEIGHTS if random else str(weights) if weights else model, name, split,
-                      result)
+                      result, skipped_images=len(ds.skipped))
+
+
+def train_recipe(model: str, weights: str | os.PathLike | None, **given) -> TrainConfig:
+    """The paper recipe from scratch, the fine-tuning one from pretrained weights (MODEL.TAG or --weights);
+    options given (not None) override either."""
+    pretrained = weights is not None or models.split_name(model)[1] is not None
+    return recipe(pretrained=pretrained, **given)
 
 
 @dataclass(frozen=True)
@@ -139,8 +154,12 @@ class TrainReport:
     result: TrainResult
     title: str = "Training"
 
+    classes: list[str] | None = None
+    skipped_images: int = 0
+
     def to_dict(self) -> dict:
-        return {"model": self.model, "data": self.data, "out": self.out, **self.result.to_dict()}
+        return {"model": self.model, "data": self.data, "out": self.out, **self.result.to_dict(),
+                "classes": self.classes, "skipped_images": self.skipped_images}
 
     def table_rows(self):
         r = self.result
@@ -159,9 +178,14 @@ def train(
     num_classes: int | None = None,
     resume: bool = False,
     subset: int | None = None,
+    skip_bad_images: bool = False,
     **arch,
 ) -> TrainReport:
-    """Train (or fine-tune from `weights`) a model with the paper recipe."""
+    """Train (or fine-tune from `weights` or a weights tag) a model on a data set.
+
+    Class names travel with the model: an ImageFolder's folders are matched to the model's names, or
+    become its names when it has none (a new head from --num-classes, or a model built from scratch).
+    """
     import torch
 
     from edgeres.train import check_run_folder, train_model
@@ -169,19 +193,23 @@ def train(
     check_run_folder(out)  # a user's own folder is refused before any work
     torch.manual_seed(config.seed)  # reproducible initial weights
     net = load_model(model, weights, num_classes=num_classes, **arch)
-    spec = data_spec or net.cfg.dataset
-    train_ds = data.load_dataset(spec, "train", image_size=net.cfg.input_size)
-    test_ds = data.load_dataset(spec, "test", image_size=net.cfg.input_size)
-    if weights is None and num_classes is None and train_ds.num_classes != net.cfg.num_classes:
+    train_ds = data.for_model(net.cfg, data_spec, "train", skip_bad_images=skip_bad_images)
+    pretrained = weights is not None or models.split_name(model)[1] is not None
+    if not pretrained and num_classes is None and train_ds.num_classes != net.cfg.num_classes:
         net = load_model(model, None, num_classes=train_ds.num_classes, **arch)
     fix = f"pass --num-classes {train_ds.num_classes} (a new classifier, fine-tuned) or data with " \
           f"{net.cfg.num_classes} classes"
     data.check_classes(train_ds, net.cfg.num_classes, net.cfg.name, fix=fix)
+    if net.cfg.classes is None and not train_ds.synthetic:
+        net.cfg = replace(net.cfg, classes=tuple(train_ds.classes))  # folder (or CIFAR) names travel with it
+    test_ds = data.for_model(net.cfg, data_spec, "test", skip_bad_images=skip_bad_images)
     data.check_classes(test_ds, net.cfg.num_classes, net.cfg.name, fix=fix)
     if subset:
         train_ds = data.subset(train_ds, subset, seed=config.seed)
     result = train_model(net, train_ds, test_ds, config, Path(out), resume=resume)
-    return TrainReport(net.cfg.name, train_ds.name, str(out), result)
+    skipped = len(set(train_ds.skipped) | set(test_ds.skipped))
+    return TrainReport(net.cfg.name, train_ds.name, str(out), result,
+                       classes=list(net.cfg.classes) if net.cfg.classes else None, skipped_images=skipped)
 
 
 @dataclass(frozen=True)
@@ -255,7 +283,8 @@ def eval_artifact(
     spec = data_spec or meta.dataset
     if spec is None:
         raise DataError(f"{Path(path).name} does not name its data set; pass --data")
-    ds = data.load_dataset(spec, split, image_size=pp.input_size)
+    ds = data.load_dataset(spec, split, image_size=pp.input_size, preprocess=pp,
+                           classes=tuple(meta.classes) if meta.classes is not None else None)
     data.check_classes(ds, meta.num_classes, Path(path).name, fix=f"pass data with {meta.num_classes} classes")
     if not ds.synthetic and meta.classes is not None and list(meta.classes) != list(ds.classes):
         raise DataError(f"the classes of {ds.name} ({', '.join(ds.classes[:4])}, ...) are not those of "

@@ -143,6 +143,11 @@ def weights_provenance(name: str | None, weights: str | os.PathLike | None) -> d
     from edgeres.io import sha256sum
 
     if weights is not None:
+        if str(weights).startswith(("http://", "https://")):  # --weights URL: the cached download
+            from edgeres.weights import fetch_url
+
+            path = fetch_url(str(weights))
+            return {"file": path.name, "url": str(weights), "sha256": sha256sum(path)}
         return {"file": Path(weights).name, "sha256": sha256sum(weights)}
     path = resolve_weights(name) if name else None
     if path is not None:

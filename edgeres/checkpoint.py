@@ -9,39 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgeres import models
-from edgeres.data import data_roots
+from edgeres import weights as published
 from edgeres.errors import CheckpointError
-from edgeres.io import atomic_write, sha256sum
+from edgeres.io import atomic_write
+from edgeres.preprocess import Preprocess
 
 log = logging.getLogger("edgeres")
 FORMAT = "edgeres-checkpoint/1"
-
-# Weight tags (`resnet20.cifar10_akamaster`): file under a data root, with its full sha256.
-PRETRAINED: dict[tuple[str, str], tuple[str, str]] = {
-    ("resnet20", "cifar10_akamaster"): (
-        "pretrained/akamaster_pytorch_resnet_cifar10/resnet20-12fca82f.th",
-        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
-    ),
-    ("resnet32", "cifar10_akamaster"): (
-        "pretrained/akamaster_pytorch_resnet_cifar10/resnet32-d509ac18.th",
-        "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
-    ),
-    ("resnet44", "cifar10_akamaster"): (
-        "pretrained/akamaster_pytorch_resnet_cifar10/resnet44-014dd654.th",
-        "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
-    ),
-    ("resnet56", "cifar10_akamaster"): (
-        "pretrained/akamaster_pytorch_resnet_cifar10/resnet56-4bfd9763.th",
-        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
-    ),
-}
 
 
 @dataclass
@@ -128,7 +109,8 @@ def require_weights(name: str | None, weights: str | os.PathLike | None, random_
     if random_init and (weights is not None or tagged):
         raise CheckpointError("--random-init contradicts the weights given (--weights or a .tag); pass one of them")
     if not random_init and weights is None and not tagged:
-        known = ", ".join(f"{b}.{t}" for b, t in PRETRAINED)
+        own = [w.name for w in published.list_weights(models.split_name(name)[0] if name else None)]
+        known = ", ".join(own[:4] or ["resnet20.cifar10_akamaster", "resnet18.imagenet1k_v1"])
         raise CheckpointError(
             f"{name or 'the model'} has no weights: pass --weights FILE or a tagged name ({known}), "
             "or --random-init for latency/memory work (its top-1 error then means nothing)"
@@ -137,22 +119,15 @@ def require_weights(name: str | None, weights: str | os.PathLike | None, random_
 
 
 def resolve_weights(name: str) -> Path | None:
-    """The file for a weights tag such as `resnet20.cifar10_akamaster`, verified by sha256."""
+    """The verified file for a weights tag such as `resnet18.imagenet1k_v1` (None without a tag)."""
     base, tag = models.split_name(name)
     if tag is None:
         return None
-    if (base, tag) not in PRETRAINED:
-        known = ", ".join(f"{b}.{t}" for b, t in PRETRAINED)
-        raise CheckpointError(f"unknown weights tag {name!r}; known: {known}")
-    rel, digest = PRETRAINED[(base, tag)]
-    for root in data_roots():
-        path = root / rel
-        if path.is_file():
-            if sha256sum(path) != digest:
-                raise CheckpointError(f"{path} fails its sha256 check; replace it with the published file")
-            return path
-    roots = ", ".join(str(r) for r in data_roots())
-    raise CheckpointError(f"weights {name!r} not found under {roots}; set EDGERES_DATA or pass --weights PATH")
+    return published.fetch(published.get(base, tag))
+
+
+def _is_url(weights: str | os.PathLike) -> bool:
+    return str(weights).startswith(("http://", "https://"))
 
 
 def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, replace_head: bool) -> None:
@@ -195,18 +170,24 @@ def load_model(
     new_head: bool = True,
     **arch,
 ) -> nn.Module:
-    """Build `name` and load weights from a file or a weights tag in the name.
+    """Build `name` and load weights from a file, a URL or a weights tag in the name.
 
-    An edgeres checkpoint names its own model, preprocessing and pruned shape. `num_classes`
-    different from the checkpoint's replaces the classifier and keeps the rest (transfer learning);
-    with `new_head=False` (evaluation, export: an untrained classifier would be garbage) it is an error.
+    A tag (`resnet18.imagenet1k_v1`) sets the model's defaults from its published record: input size,
+    preprocessing, class names. An edgeres checkpoint names its own model, preprocessing and pruned
+    shape, and wins over the tag. `num_classes` different from the weights' replaces the classifier and
+    keeps the rest (transfer learning; the class names then come from the data); with `new_head=False`
+    (evaluation, export: an untrained classifier would be garbage) it is an error.
     """
+    record = None
+    if name is not None and (tag := models.split_name(name)[1]) is not None:
+        record = published.get(models.split_name(name)[0], tag)
     ckpt = None
     source = None
     if weights is not None:
-        ckpt, source = read_checkpoint(weights), str(weights)
-    elif name is not None and (tagged := resolve_weights(name)) is not None:
-        ckpt, source = read_checkpoint(tagged), name
+        path = published.fetch_url(str(weights)) if _is_url(weights) else weights
+        ckpt, source = read_checkpoint(path), str(weights)
+    elif record is not None:
+        ckpt, source = read_checkpoint(published.fetch(record)), record.name
     if name is None:
         if ckpt is None or ckpt.model is None:
             raise CheckpointError("no model name given and the checkpoint does not name one; pass MODEL")
@@ -218,14 +199,12 @@ def load_model(
         opts = {**saved.get("arch", {}), **opts}
         opts.setdefault("input_size", saved.get("input_size"))
         opts.setdefault("dataset", saved.get("dataset"))
+    elif record is not None:
+        opts = {**record.arch, **{k: v for k, v in opts.items() if v is not None}}
     if ckpt is not None and num_classes is None and "fc.weight" in ckpt.state_dict:
         num_classes = int(ckpt.state_dict["fc.weight"].shape[0])
     model = models.create(base, num_classes=num_classes, **opts)
     if ckpt is not None and ckpt.cfg:
-        from dataclasses import replace
-
-        from edgeres.preprocess import Preprocess
-
         saved_pp = ckpt.cfg.get("preprocess")
         saved_classes = ckpt.cfg.get("classes")
         model.cfg = replace(
@@ -233,8 +212,22 @@ def load_model(
             mean=tuple(ckpt.cfg["mean"]),
             std=tuple(ckpt.cfg["std"]),
             preprocess=Preprocess.from_dict(saved_pp) if saved_pp else None,
-            classes=tuple(saved_classes) if saved_classes else model.cfg.classes,
+            classes=tuple(saved_classes) if saved_classes and len(saved_classes) == model.cfg.num_classes
+            else model.cfg.classes,
+            weights=ckpt.cfg.get("weights") or source,
         )
+    elif record is not None:
+        pp = record.preprocess
+        if model.cfg.input_size != record.input_size:  # --input-size asked for another resolution
+            pp = replace(pp, input_size=model.cfg.input_size,
+                         resize=max(model.cfg.input_size, round(model.cfg.input_size * pp.resize / pp.input_size)))
+        model.cfg = replace(
+            model.cfg, mean=pp.mean, std=pp.std, preprocess=pp,
+            classes=record.classes if model.cfg.num_classes == record.num_classes else None,
+            weights=record.name if source == record.name else f"{source} (as {record.name})",
+        )
+    elif ckpt is not None:
+        model.cfg = replace(model.cfg, weights=source)
     if ckpt is not None and ckpt.pruned:
         from edgeres.compress.prune import apply_pruned_spec
 

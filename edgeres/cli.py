@@ -24,10 +24,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ModelArg = Annotated[str, typer.Argument(help="Model name (see `edgeres models`), e.g. resnet20, wrn-16-4; "
-                                         "a weights tag may follow: resnet20.cifar10_akamaster")]
-WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="Checkpoint: edgeres, state_dict "
-                                                 "or {'state_dict': ...} research layout")]
+ModelArg = Annotated[str, typer.Argument(help="Model name (see `edgeres models`), e.g. resnet20, wrn-16-4; a "
+                                         "weights tag may follow: resnet20.cifar10_akamaster, resnet18.imagenet1k_v1")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", "-w", help="Checkpoint PATH or http(s) URL: edgeres, "
+                                                "state_dict or {'state_dict': ...} research layout")]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad-images", help="Skip undecodable image files (counted in the "
+                                          "report) instead of stopping at the first")]
 DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="cifar10, cifar100, synthetic, or a PATH "
                                              "(CIFAR folder or ImageFolder tree); default: the model's data set")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout")]
@@ -42,7 +44,7 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Run without 
                                              "work); every row then says its top-1 error means nothing")]
 
 
-def _no_weight_conflict(model: str | None, weights: Path | None, random_init: bool) -> None:
+def _no_weight_conflict(model: str | None, weights: str | None, random_init: bool) -> None:
     """--random-init with weights is a usage conflict (exit 2); the library checks the same for API callers."""
     tagged = bool(model) and "." in model and "/" not in model
     if random_init and (weights is not None or tagged):
@@ -92,6 +94,7 @@ def eval_cmd(
     shortcut: ShortcutOpt = None,
     input_size: InputSizeOpt = None,
     random_init: RandomInitOpt = False,
+    skip_bad_images: SkipBadOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy and error of MODEL, or of an artifact (model.onnx, model.xml, model.engine) on its own."""
@@ -102,6 +105,7 @@ def eval_cmd(
     with _library_output_to_stderr():
         result = api.eval_model(model, weights=weights, data_spec=data, split=split, batch_size=batch_size,
                                 num_classes=num_classes, limit=limit, random_init=random_init,
+                                skip_bad_images=skip_bad_images,
                                 **_arch(width, shortcut, input_size, None))
     render(result, as_json=as_json)
 
@@ -112,11 +116,14 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pt, best.pt, history.json (new, empty "
                                       "or an edgeres run; never a folder of yours)")],
     data: DataOpt = None,
-    epochs: Annotated[int, typer.Option(help="Epochs (paper: 164 at batch 128 = 64k iterations)")] = 164,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Per process")] = 128,
-    lr: float = 0.1,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [default: 164 (paper: 64k iterations at batch 128); "
+                                               "15 fine-tuning pretrained weights]")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Per process [default: 128; 64 "
+                                                   "fine-tuning]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 0.1; 0.01 fine-tuning]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Default: 1e-4 ResNet, 5e-4 WRN")] = None,
-    schedule: Annotated[str, typer.Option(help="step (/10 at 50% and 75%), cosine, or constant (no decay)")] = "step",
+    schedule: Annotated[str | None, typer.Option(help="step (/10 at 50% and 75%), cosine, or constant (no decay) "
+                                                 "[default: step; cosine fine-tuning]")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
     seed: int = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N; default: cuda when available")] = None,
@@ -127,19 +134,23 @@ def train_cmd(
     width: WidthOpt = None,
     shortcut: ShortcutOpt = None,
     dropout: DropoutOpt = None,
+    input_size: InputSizeOpt = None,
+    skip_bad_images: SkipBadOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train MODEL with the paper recipe (or fine-tune from --weights); checkpoints every epoch."""
+    """Train MODEL with the paper recipe, or fine-tune pretrained weights (MODEL.TAG or --weights) with the
+    fine-tuning recipe (lower lr, cosine; 224 px models train on random-resized crops); checkpoints every epoch."""
     from edgeres import api
     from edgeres.report import render
 
-    if schedule not in api.SCHEDULES:
+    if schedule is not None and schedule not in api.SCHEDULES:
         raise typer.BadParameter(f"must be one of {', '.join(api.SCHEDULES)}", param_hint="--schedule")
-    config = api.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, schedule=schedule, seed=seed, device=device)
+    config = api.train_recipe(model, weights, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, schedule=schedule, seed=seed, device=device)
     with _library_output_to_stderr():
         result = api.train(model, data_spec=data, out=out, config=config, weights=weights, num_classes=num_classes,
-                           resume=resume, subset=subset, **_arch(width, shortcut, None, dropout))
+                           resume=resume, subset=subset, skip_bad_images=skip_bad_images,
+                           **_arch(width, shortcut, input_size, dropout))
     render(result, as_json=as_json)
 
 
@@ -186,6 +197,7 @@ def export_cmd(
     shortcut: ShortcutOpt = None,
     input_size: InputSizeOpt = None,
     random_init: RandomInitOpt = False,
+    skip_bad_images: SkipBadOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
@@ -198,7 +210,8 @@ def export_cmd(
                              prune_lr=prune_lr, distill=distill, train_precision=train_precision,
                              train_device=train_device, qat_epochs=qat_epochs, qat_lr=qat_lr, calib=calib_set,
                              calib_size=calib, eval_limit=eval_limit, random_init=random_init,
-                             bench=api.BenchOptions(batch_sizes=(1, 64), threads=threads))
+                             bench=api.BenchOptions(batch_sizes=(1, 64), threads=threads),
+                             skip_bad_images=skip_bad_images)
     with _library_output_to_stderr():
         report = api.export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
                             **_arch(width, shortcut, input_size, None))

@@ -1,7 +1,8 @@
 """Data sets: CIFAR-10/100 (official python format, md5-verified), ImageFolder trees, synthetic.
 
-Everything is held in memory as uint8 NCHW tensors; `batches` does augmentation and the
-normalisation stored in `model.cfg`, so every stage preprocesses identically.
+CIFAR and synthetic sets are held in memory as uint8 NCHW tensors; ImageFolder trees stream from
+disk (`edgeres.imagefolder`) through the model's preprocessing record. `batches` does augmentation
+and the normalisation stored in `model.cfg` for both, so every stage preprocesses identically.
 
 Where data is found, in order: an explicit path or name (`--data`), `$EDGERES_DATA`, the user
 cache (`$XDG_CACHE_HOME/edgeres` or `~/.cache/edgeres`), a checksummed download into that cache
@@ -18,12 +19,20 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from edgeres import classes as class_lists
+from edgeres import imagefolder
 from edgeres.errors import DataError
+from edgeres.imagefolder import FolderDataset
 from edgeres.io import atomic_write, md5sum
+from edgeres.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from edgeres.models.registry import ModelCfg
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,6 @@ CIFAR = {
     ),
 }
 SPLITS = ("train", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Dataset:
     labels: torch.Tensor
     classes: list[str] = field(default_factory=list)
     synthetic: bool = False
+    skipped: list[str] = field(default_factory=list)  # always empty: in-memory sets hold decoded images
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -96,6 +105,16 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def image_shape(self) -> list[int]:
+        return list(self.images.shape[1:])
+
+    def take(self, idx: torch.Tensor) -> Dataset:
+        return Dataset(self.name, self.split, self.images[idx], self.labels[idx], self.classes, self.synthetic)
+
+
+AnyDataset = Dataset | FolderDataset
 
 
 # ---------------------------------------------------------------- locating data
@@ -223,41 +242,6 @@ def load_cifar(spec: CifarSpec, split: str, path: Path | None = None) -> Dataset
 # ---------------------------------------------------------------- ImageFolder and synthetic
 
 
-def _is_image_folder(path: Path) -> bool:
-    return (path / "train").is_dir() and ((path / "val").is_dir() or (path / "test").is_dir())
-
-
-def load_image_folder(path: Path, split: str, image_size: int) -> Dataset:
-    """`path/{train,val}/<class>/<image>`; every image is resized to image_size x image_size."""
-    from PIL import Image
-
-    from edgeres.preprocess import load_rgb
-
-    sub = path / ("train" if split == "train" else "val")
-    if split != "train" and not sub.is_dir():
-        sub = path / "test"
-    classes = sorted(d.name for d in sub.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{sub} has no class folders; expected {sub}/<class>/<image files>")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((sub / cls).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            im = load_rgb(f).resize((image_size, image_size), Image.BILINEAR)  # DataError naming an undecodable f
-            images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{sub} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return Dataset(
-        name=path.name,
-        split=split,
-        images=torch.from_numpy(np.stack(images)),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        classes=classes,
-    )
-
-
 def synthetic(n: int = 256, num_classes: int = 10, size: int = 32, seed: int = 0, split: str = "train") -> Dataset:
     """Random learnable images (class-dependent colour shifts) for smoke tests; never an accuracy."""
     g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
@@ -269,13 +253,38 @@ def synthetic(n: int = 256, num_classes: int = 10, size: int = 32, seed: int = 0
     return Dataset("synthetic", split, images, labels, [f"class{i}" for i in range(num_classes)], synthetic=True)
 
 
-def load_dataset(spec: str | os.PathLike | None, split: str, *, image_size: int = 32) -> Dataset:
-    """Load a data set by name (cifar10, cifar100, synthetic) or path (CIFAR folder or ImageFolder tree)."""
+def for_model(cfg: ModelCfg, spec: str | os.PathLike | None, split: str, *, skip_bad_images: bool = False,
+              workers: int | None = None) -> AnyDataset:
+    """`spec` (default: the model's data set) read through the model's preprocessing record and, for an
+    ImageFolder tree, labelled by the model's class names (or, when it has none, by the folder names)."""
+    return load_dataset(spec or cfg.dataset, split, image_size=cfg.input_size, preprocess=cfg.preprocess,
+                        classes=cfg.classes, skip_bad_images=skip_bad_images, workers=workers)
+
+
+def load_dataset(
+    spec: str | os.PathLike | None,
+    split: str,
+    *,
+    image_size: int = 32,
+    preprocess: Preprocess | None = None,
+    classes: Sequence[str] | None = None,
+    class_aliases: Sequence[str] = (),
+    skip_bad_images: bool = False,
+    workers: int | None = None,
+) -> AnyDataset:
+    """Load a data set by name (cifar10, cifar100, synthetic) or path (CIFAR folder or ImageFolder tree).
+
+    An ImageFolder tree is read through `preprocess` (the model's record; default: derived from
+    `image_size` as ModelCfg does) and labelled by `classes` when the model has names.
+    """
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if spec is None:
         raise DataError("no data set given; pass --data cifar10|cifar100|PATH")
     text = str(spec)
+    if text == "imagefolder":  # a 224 px model's default: its data has to be named
+        raise DataError("this model reads an ImageFolder tree; pass --data FOLDER (FOLDER/train/<class>/..., "
+                        "FOLDER/val/<class>/...)")
     if text.lower() in CIFAR:
         return load_cifar(CIFAR[text.lower()], split)
     if text.lower() == "synthetic":
@@ -288,8 +297,14 @@ def load_dataset(spec: str | os.PathLike | None, split: str, *, image_size: int 
     for cifar in CIFAR.values():
         if _find_cifar_dir(cifar, path):
             return load_cifar(cifar, split, path)
-    if _is_image_folder(path):
-        return load_image_folder(path, split, image_size)
+    if imagefolder.is_image_folder(path):
+        if class_aliases == () and classes is not None:
+            class_aliases = class_lists.aliases(classes)
+        if preprocess is None:
+            preprocess = (Preprocess.cifar(image_size) if image_size < 64
+                          else Preprocess.imagenet(image_size, resize=round(image_size * 256 / 224)))
+        return imagefolder.scan(path, split, preprocess, classes=classes, aliases=class_aliases,
+                                skip_bad=skip_bad_images, workers=workers)
     raise DataError(f"{path} is not a CIFAR folder nor an ImageFolder tree (train/ and val/ with class folders)")
 
 
@@ -306,7 +321,7 @@ def check_classes(ds: Dataset, num_classes: int, model: str, *, fix: str) -> Non
 # ---------------------------------------------------------------- subsets and batches
 
 
-def subset(ds: Dataset, n: int, seed: int = 0, class_balanced: bool = True) -> Dataset:
+def subset(ds: AnyDataset, n: int, seed: int = 0, class_balanced: bool = True) -> AnyDataset:
     """n images, as evenly spread over the classes as the data allows; deterministic for a seed."""
     if n >= len(ds):
         return ds
@@ -326,7 +341,7 @@ def subset(ds: Dataset, n: int, seed: int = 0, class_balanced: bool = True) -> D
             rank += 1
         idx = torch.cat(picked)[:n]
     idx, _ = torch.sort(idx)
-    return Dataset(ds.name, ds.split, ds.images[idx], ds.labels[idx], ds.classes, ds.synthetic)
+    return ds.take(idx)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -365,7 +380,7 @@ def epoch_order(n: int, *, train: bool, seed: int, epoch: int, rank: int = 0, wo
 
 
 def batches(
-    ds: Dataset,
+    ds: AnyDataset,
     batch_size: int,
     *,
     mean: Sequence[float],
@@ -376,11 +391,21 @@ def batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic batches of (normalised float32 images, int64 labels)."""
+    """Deterministic batches of (normalised float32 images, int64 labels).
+
+    In memory: indexed from the uint8 tensor. ImageFolder: decoded by worker processes through the
+    set's preprocessing record (random-resized-crop + flip to train 224 px models). Either way the
+    CIFAR pad-crop-flip is applied here, and the normalisation is the same function.
+    """
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     idx = epoch_order(len(ds), train=train, seed=seed, epoch=epoch, rank=rank, world=world)
     g = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
+    if isinstance(ds, FolderDataset):
+        pad_crop = train and ds.preprocess.train_augment == "pad_crop_flip"
+        for x, y in imagefolder.uint8_batches(ds, idx, batch_size, train=train, seed=seed, epoch=epoch):
+            yield normalize(_augment(x, g) if pad_crop else x, mean, std), y
+        return
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
         x = ds.images[chunk]
@@ -389,6 +414,6 @@ def batches(
         yield normalize(x, mean, std), ds.labels[chunk]
 
 
-def num_batches(ds: Dataset, batch_size: int, world: int = 1) -> int:
+def num_batches(ds: AnyDataset, batch_size: int, world: int = 1) -> int:
     per_rank = -(-len(ds) // world)
     return -(-per_rank // batch_size)

@@ -56,6 +56,7 @@ class ExportOptions:
     bench: BenchOptions = field(default_factory=lambda: BenchOptions(batch_sizes=(1, 64), warmup=10, runs=100))
     seed: int = 0
     random_init: bool = False  # export untrained weights (latency/memory work); every row says so
+    skip_bad_images: bool = False  # undecodable files are skipped and counted instead of stopping the export
 
 
 def _versions() -> dict:
@@ -165,7 +166,7 @@ def _agreement(model: nn.Module, onnx_path: Path, test_ds, n: int = 256) -> dict
 
     backend = OrtBackend()
     session = backend.load(open_artifact(onnx_path))
-    sub = data.Dataset(test_ds.name, test_ds.split, test_ds.images[:n], test_ds.labels[:n], test_ds.classes)
+    sub = test_ds.take(torch.arange(min(n, len(test_ds))))
     x, _ = next(data.batches(sub, n, mean=model.cfg.mean, std=model.cfg.std))
     with torch.no_grad():
         ref = model.eval()(x).numpy()
@@ -300,14 +301,14 @@ def export(
     source = RANDOM_WEIGHTS if random else str(weights) if weights is not None else str(model_name)
     out = check_output_dir(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
     spec = data_spec or cfg.dataset
-    test_ds = data.load_dataset(spec, "test", image_size=cfg.input_size)
+    test_ds = data.for_model(cfg, spec, "test", skip_bad_images=opts.skip_bad_images)
     fix = (f"fine-tune it for {test_ds.num_classes} classes first (edgeres train ... --num-classes "
            f"{test_ds.num_classes}) or pass data with {cfg.num_classes} classes")
     data.check_classes(test_ds, cfg.num_classes, cfg.name, fix=fix)
     if opts.eval_limit:
         test_ds = data.subset(test_ds, opts.eval_limit, seed=opts.seed)
     needs_train = opts.int8 or (opts.prune is not None and opts.prune_epochs > 0)
-    train_ds = data.load_dataset(spec, "train", image_size=cfg.input_size) if needs_train else None
+    train_ds = data.for_model(cfg, spec, "train", skip_bad_images=opts.skip_bad_images) if needs_train else None
     if train_ds is not None:
         data.check_classes(train_ds, cfg.num_classes, cfg.name, fix=fix)
     example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
@@ -360,6 +361,9 @@ def export(
         rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
         agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
         extras = _target_extras(tmp, target, deployed, precision, replace(meta, precision=precision), test_ds)
+        skipped = sorted(set(test_ds.skipped) | set(train_ds.skipped if train_ds is not None else []))
+        if skipped:
+            notes.append(f"{len(skipped)} undecodable images skipped (--skip-bad-images); first: {skipped[0]}")
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
             quantization=quant_info, agreement=agreement, notes=notes, extras=extras, host=host,
@@ -368,7 +372,8 @@ def export(
             f.write_text(json.dumps(report.to_dict(), indent=2))
         final = rows[-1]
         manifest = _manifest(tmp, deployed, target, precision, {
-            "classes": test_ds.classes, "data": test_ds.name, **extras,
+            "classes": list(cfg.classes) if cfg.classes else test_ds.classes, "data": test_ds.name,
+            "skipped_images": len(skipped), **extras,
             "weights": {"source": source, "random": random},
             "pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
             "quantization": quant_info, "bn_fold": fold_info,

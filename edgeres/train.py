@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from edgeres.checkpoint import checkpoint_dict, save_checkpoint
-from edgeres.data import Dataset, batches, num_batches
+from edgeres.data import AnyDataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
 from edgeres.evaluate import EvalResult, evaluate, result_from_counts
 from edgeres.finetune import run_epoch
@@ -64,6 +64,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+FINE_TUNE = TrainConfig(epochs=15, batch_size=64, lr=0.01, schedule="cosine")  # from pretrained weights
+
+
+def recipe(*, pretrained: bool, **given) -> TrainConfig:
+    """The paper recipe from scratch, or the fine-tuning one (lr 0.01, cosine, 15 epochs, batch 64) from
+    pretrained weights; options given (not None) override either."""
+    return replace(FINE_TUNE if pretrained else TrainConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -182,15 +191,14 @@ def _sum_across(values: list[float], device: torch.device, world: int) -> list[f
     return t.tolist()
 
 
-def _shard(ds: Dataset, rank: int, world: int) -> Dataset:
+def _shard(ds: AnyDataset, rank: int, world: int) -> AnyDataset:
     """Every world-th image from `rank`, unpadded, so evaluation counts each image once."""
     if world == 1:
         return ds
-    images, labels = ds.images[rank::world], ds.labels[rank::world]
-    return Dataset(ds.name, ds.split, images, labels, ds.classes, ds.synthetic)
+    return ds.take(torch.arange(rank, len(ds), world))
 
 
-def _evaluate(model: nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device, rank: int, world: int,
+def _evaluate(model: nn.Module, ds: AnyDataset, cfg: TrainConfig, device: torch.device, rank: int, world: int,
               desc: str) -> EvalResult:
     part = _shard(ds, rank, world)
     cuda = device.type == "cuda"
@@ -227,10 +235,10 @@ def _set_rng(states: list[dict], rank: int, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def data_fingerprint(ds: Dataset) -> dict:
+def data_fingerprint(ds: AnyDataset) -> dict:
     """What identifies the training data for resume: name, shape and a hash of the labels."""
     labels = hashlib.sha256(ds.labels.cpu().numpy().tobytes()).hexdigest()
-    return {"name": ds.name, "images": len(ds), "shape": list(ds.images.shape[1:]), "labels_sha256": labels}
+    return {"name": ds.name, "images": len(ds), "shape": ds.image_shape, "labels_sha256": labels}
 
 
 # ---------------------------------------------------------------- resume
@@ -349,8 +357,8 @@ def check_run_folder(out_dir: str | os.PathLike) -> Path:
 
 def train_model(
     model: nn.Module,
-    train_ds: Dataset,
-    test_ds: Dataset,
+    train_ds: AnyDataset,
+    test_ds: AnyDataset,
     cfg: TrainConfig,
     out_dir: Path,
     *,
@@ -395,7 +403,7 @@ def _remove_if_empty_run(out_dir: Path) -> None:
             shutil.rmtree(out_dir)
 
 
-def _train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, run: _Run, resume: bool) -> TrainResult:
+def _train(model: nn.Module, train_ds: AnyDataset, test_ds: AnyDataset, run: _Run, resume: bool) -> TrainResult:
     cfg, device, rank, world = run.cfg, run.device, run.rank, run.world
     state = _read_state(run.last) if resume else None
     if state is not None:

@@ -171,3 +171,45 @@ def test_sigkill_leftovers_are_swept_by_the_next_run(tmp_path):
         (d / "model.onnx").write_text("next run")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".exp.notes", "exp"]
     assert (tmp_path / ".exp.notes").read_text() == "the user's"
+
+
+def test_transfer_learning_at_224_px_carries_the_folder_class_names(tmp_path):
+    """resnet18.<tag> --num-classes N --data FOLDER: new head, fine-tuning recipe, 224 px crops, names travel.
+
+    The ImageNet weights are a torchvision-layout checkpoint of random weights made here (none exist on
+    this machine): the mechanics are real, no accuracy is."""
+    import torch
+    from PIL import Image
+
+    from edgeres import models
+    from edgeres.bench import BenchOptions
+    from edgeres.pipeline import ExportOptions, export
+
+    torch.manual_seed(0)
+    tv = tmp_path / "resnet18-random.pth"
+    torch.save(models.create("resnet18", num_classes=1000, input_size=224).state_dict(), tv)
+    tree = tmp_path / "flowers"
+    for split in ("train", "val"):
+        for c, cls in enumerate(("daisy", "rose")):
+            (tree / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (96 + 10 * i, 64), (200 * c, 100, 50 + 20 * i)).save(tree / split / cls / f"{i}.jpg")
+    out = tmp_path / "run"
+    res = run("train", "resnet18.imagenet1k_v1", "--weights", str(tv), "--num-classes", "2", "--data", str(tree),
+              "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["classes"] == ["daisy", "rose"] and doc["history"][0]["lr"] == 0.01  # the fine-tuning recipe
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["train_config"]["schedule"] == "cosine"
+    cfg = state["cfg"]
+    assert cfg["classes"] == ["daisy", "rose"] and cfg["input_size"] == 224 and cfg["num_classes"] == 2
+    assert cfg["preprocess"]["resize_shorter_side"] == 256 and cfg["preprocess"]["center_crop"] == 224
+    assert cfg["preprocess"]["train_augment"] == "random_resized_crop_flip"
+    assert "resnet18.imagenet1k_v1" in cfg["weights"]
+
+    opts = ExportOptions(eval_limit=2, bench=BenchOptions(batch_sizes=(1,), warmup=1, runs=2))
+    report = export(None, weights=out / "last.pt", data_spec=str(tree), out=tmp_path / "exp", options=opts)
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["classes"] == ["daisy", "rose"] and manifest["input_shape"][-1] == 224
+    assert report.rows[0].eval_images == 2

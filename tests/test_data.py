@@ -79,9 +79,11 @@ def test_image_folder(tmp_path):
             d.mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (40, 30), colour).save(d / f"{i}.png")
-    ds = data.load_dataset(tmp_path, "test", image_size=32)
-    assert ds.classes == ["cat", "dog"] and len(ds) == 6 and ds.images.shape[1:] == (3, 32, 32)
-    assert ds.images[0, 0].float().mean() > 150 and ds.images[-1, 2].float().mean() > 150
+    ds = data.load_dataset(tmp_path, "test", image_size=32)  # streamed: pixels are read per batch
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6 and ds.image_shape == [3, 32, 32]
+    x, y = next(data.batches(ds, 6, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert x[0, 0].mean() > 150 / 255 and x[-1, 2].mean() > 150 / 255
 
 
 def test_class_balanced_subset_is_deterministic():

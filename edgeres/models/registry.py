@@ -31,6 +31,7 @@ class ModelCfg:
     arch: dict = field(default_factory=dict)  # options beyond the name that rebuild the model
     classes: tuple[str, ...] | None = None  # class names in output order, when known
     preprocess: Preprocess | None = None  # None: derived from input_size, mean and std
+    weights: str | None = None  # where the weights came from: a tag (resnet18.imagenet1k_v1), URL or file
 
     def __post_init__(self) -> None:
         if self.preprocess is None:
@@ -53,6 +54,7 @@ class ModelCfg:
             "arch": dict(self.arch),
             "classes": list(self.classes) if self.classes is not None else None,
             "preprocess": self.preprocess.to_dict(),
+            "weights": self.weights,
         }
 
 
