@@ -15,9 +15,12 @@ names takes the sorted folder names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,10 +216,34 @@ def uint8_batches(ds: FolderDataset, order: torch.Tensor, batch_size: int, *, tr
         _Items(ds, train, seed, epoch), batch_size=batch_size, sampler=order.tolist(), num_workers=ds.workers,
         collate_fn=_collate, prefetch_factor=2 if ds.workers else None,
     )
-    for x, y, bad in loader:
-        if bad:
-            if not ds.skip_bad:
-                raise DataError(f"{bad[0]}; fix or remove it, or pass --skip-bad-images to skip such files")
-            ds.skipped.extend(e for e in bad if e not in ds.skipped)
-        if x is not None:
-            yield x, y
+    with _sigchld_restored():
+        batches = None
+        try:
+            batches = iter(loader)
+            for x, y, bad in batches:
+                if bad:
+                    if not ds.skip_bad:
+                        raise DataError(f"{bad[0]}; fix or remove it, or pass --skip-bad-images to skip such files")
+                    ds.skipped.extend(e for e in bad if e not in ds.skipped)
+                if x is not None:
+                    yield x, y
+        finally:
+            del batches  # the workers are joined here, before the SIGCHLD handler is put back
+
+
+@contextlib.contextmanager
+def _sigchld_restored() -> Iterator[None]:
+    """Put back the process's SIGCHLD handler once the workers are gone.
+
+    torch's DataLoader installs a process-wide SIGCHLD handler on first use and never removes it; a
+    process that later starts other children (an in-process benchmark run after an ImageFolder
+    export, say) then died with SIGSEGV. Worker failures are still caught by the DataLoader's own
+    status checks while it runs.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGCHLD, previous)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,9 @@ def test_every_mode_decodes_and_matches_the_one_preprocessing(tree):
     assert isinstance(ds, imagefolder.FolderDataset)
     assert ds.classes == ["cat", "dog"] and len(ds) == 12
     ds.workers = 2  # worker processes, as for real
+    before = signal.getsignal(signal.SIGCHLD)
     x, y = next(data.batches(ds, 12, mean=PP224.mean, std=PP224.std))
+    assert signal.getsignal(signal.SIGCHLD) == before  # torch's handler does not outlive our workers
     assert x.shape == (12, 3, 224, 224) and x.dtype == torch.float32
     expected = np.stack([eval_array(f, PP224) for f in ds.files])
     assert torch.equal(x, torch.from_numpy(expected))
