@@ -431,7 +431,7 @@ def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precisio
     lint = check_onnx(tmp / "model.onnx", target)
     lint.raise_for_errors("model.onnx")
     size = model.cfg.input_size
-    head = data.Dataset(test_ds.name, test_ds.split, test_ds.images[:64], test_ds.labels[:64], test_ds.classes)
+    head = test_ds.take(torch.arange(min(64, len(test_ds))))  # in memory or streamed from an ImageFolder
     candidates, _ = next(data.batches(head, 64, mean=meta.preprocess.mean, std=meta.preprocess.std))
     golden = golden_set(tmp / "model.onnx", candidates.numpy(), precision=precision)
     written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size),

@@ -147,3 +147,21 @@ def test_model_without_names_takes_the_folder_names(tree):
     assert model.cfg.classes is None
     ds = data.for_model(model.cfg, tree, "train")
     assert ds.classes == ["cat", "dog"] and ds.preprocess == model.cfg.preprocess
+
+
+def test_jetson_bundle_from_an_image_folder(tmp_path):
+    """The TensorRT bundle's golden inputs come from the first test images, streamed like any other."""
+    import json
+
+    from edgeres.bench import BenchOptions
+    from edgeres.pipeline import ExportOptions, export
+
+    root = tmp_path / "ten"
+    for split in ("train", "val"):
+        for c in range(10):
+            _image(root / split / f"c{c}" / "a", size=(40, 36), seed=c)
+    opts = ExportOptions(target="jetson-orin-nano", random_init=True, bench=BenchOptions(batch_sizes=(1,), runs=1))
+    export("resnet20", data_spec=str(root), out=tmp_path / "bundle", options=opts)
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["classes"] == [f"c{c}" for c in range(10)]
+    assert "tensorrt_lint" in manifest
