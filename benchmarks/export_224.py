@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from edgeres import data, models
-from edgeres.backends.base import get_backend
-from edgeres.bench import BenchOptions, artifact_from_path
+from edgeres.backends.base import get_backend, open_artifact
+from edgeres.latency import BenchOptions
 from edgeres.pipeline import ExportOptions, export
 
 
@@ -36,7 +36,7 @@ def random_torchvision_checkpoint(name: str, path: Path) -> Path:
 def top1_agreement(fp32: Path, int8: Path, runtime: str, ds) -> dict:
     """Share of images where the INT8 artifact's top class equals the FP32 one's (same runtime)."""
     backend = get_backend(runtime)
-    a, b = backend.load(artifact_from_path(fp32)), backend.load(artifact_from_path(int8))
+    a, b = backend.load(open_artifact(fp32)), backend.load(open_artifact(int8))
     pp = ds.preprocess
     same = total = 0
     for x, _ in data.batches(ds, 25, mean=pp.mean, std=pp.std):

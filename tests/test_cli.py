@@ -182,7 +182,7 @@ def test_transfer_learning_at_224_px_carries_the_folder_class_names(tmp_path):
     from PIL import Image
 
     from edgeres import models
-    from edgeres.bench import BenchOptions
+    from edgeres.latency import BenchOptions
     from edgeres.pipeline import ExportOptions, export
 
     torch.manual_seed(0)

@@ -153,7 +153,7 @@ def test_jetson_bundle_from_an_image_folder(tmp_path):
     """The TensorRT bundle's golden inputs come from the first test images, streamed like any other."""
     import json
 
-    from edgeres.bench import BenchOptions
+    from edgeres.latency import BenchOptions
     from edgeres.pipeline import ExportOptions, export
 
     root = tmp_path / "ten"
