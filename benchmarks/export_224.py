@@ -34,16 +34,23 @@ def random_torchvision_checkpoint(name: str, path: Path) -> Path:
 
 
 def top1_agreement(fp32: Path, int8: Path, runtime: str, ds) -> dict:
-    """Share of images where the INT8 artifact's top class equals the FP32 one's (same runtime)."""
+    """INT8 against FP32 through the same runtime: top-1 agreement, how many distinct classes FP32 predicts
+    (a random network often predicts one class for every image, which makes agreement trivially 100 %), and
+    the per-image correlation of the mean-centred logits (what agreement cannot show then)."""
     backend = get_backend(runtime)
     a, b = backend.load(open_artifact(fp32)), backend.load(open_artifact(int8))
     pp = ds.preprocess
-    same = total = 0
+    top_a, top_b, corr = [], [], []
     for x, _ in data.batches(ds, 25, mean=pp.mean, std=pp.std):
-        arr = x.numpy()
-        same += int((np.argmax(backend.run(a, arr), 1) == np.argmax(backend.run(b, arr), 1)).sum())
-        total += len(arr)
-    return {"images": total, "top1_agreement_pct": round(100 * same / total, 2)}
+        ya, yb = backend.run(a, x.numpy()), backend.run(b, x.numpy())
+        top_a += ya.argmax(1).tolist()
+        top_b += yb.argmax(1).tolist()
+        ca, cb = ya - ya.mean(1, keepdims=True), yb - yb.mean(1, keepdims=True)
+        corr += ((ca * cb).sum(1) / np.sqrt((ca * ca).sum(1) * (cb * cb).sum(1))).tolist()
+    same = sum(p == q for p, q in zip(top_a, top_b, strict=True))
+    return {"images": len(top_a), "top1_agreement_pct": round(100 * same / len(top_a), 2),
+            "distinct_fp32_top1": len(set(top_a)), "logit_correlation_mean": round(float(np.mean(corr)), 5),
+            "logit_correlation_min": round(float(np.min(corr)), 5)}
 
 
 def main() -> None:
