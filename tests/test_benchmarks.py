@@ -141,3 +141,18 @@ def test_openvino_vs_nncf_smoke_run_writes_json(bench, tmp_path, data_root):
     ours = rows["OV int8 (edgeres)"]["precision"]
     assert ours["int8_ops"] > 0 and ours["bf16_ops"] == 0
     assert result["machine"]["cores_available"] >= 1 and "openvino" in result["versions"]
+
+
+def test_loader_224_smoke_counts_images_and_memory(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import loader_224
+
+    for c in ("a", "b"):
+        (tmp_path / "t" / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (300 + 10 * i, 200), (80 * i, 40, 200)).save(tmp_path / "t" / "val" / c / f"{i}.jpg")
+    row = loader_224.measure(str(tmp_path / "t"), workers=0, batch=4, split="test")
+    assert row["images"] == 6 and row["images_per_s"] > 0
+    assert row["peak_tree_rss_mb"] >= row["rss_before_mb"] > 0
