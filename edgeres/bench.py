@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,14 +77,11 @@ def input_shape_of(path: Path) -> list[int]:
         return [3, size, size]
     except EdgeresError:
         pass  # made by an older edgeres or another tool: the other sources below
-    manifest = path.parent / "manifest.json"
-    if manifest.is_file():
-        try:
-            shape = json.loads(manifest.read_text()).get("input_shape")
-            if shape:
-                return [int(v) for v in shape[-3:]]
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise EdgeresError(f"{manifest} is not an edgeres export manifest ({exc}); export again") from exc
+    from edgeres import manifest
+
+    shape = manifest.input_shape(path.parent)
+    if shape:
+        return shape
     if path.suffix == ".onnx":
         from edgeres.onnxgraph import load
 

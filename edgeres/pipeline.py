@@ -9,15 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgeres import artifact_meta, data, targets
+from edgeres import artifact_meta, data, manifest, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import artifact_bytes, host_text
 from edgeres.calibration import calibration_batches, load_calibration
@@ -25,7 +23,7 @@ from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.errors import EdgeresError
 from edgeres.evaluate import evaluate_session
 from edgeres.hostcpu import describe, has_native_bf16
-from edgeres.io import atomic_dir, atomic_write, check_output_dir, sha256sum
+from edgeres.io import atomic_dir, atomic_write, check_output_dir
 from edgeres.latency import BenchOptions, Worker
 from edgeres.models.stats import count_macs, count_params
 from edgeres.progress import info
@@ -57,18 +55,6 @@ class ExportOptions:
     seed: int = 0
     random_init: bool = False  # export untrained weights (latency/memory work); every row says so
     skip_bad_images: bool = False  # undecodable files are skipped and counted instead of stopping the export
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("edgeres", "torch", "nncf", "onnx", "onnxruntime", "torch-pruning", "openvino"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def _train_device(opts: ExportOptions) -> torch.device:
@@ -175,29 +161,6 @@ def _agreement(model: nn.Module, onnx_path: Path, test_ds, n: int = 256) -> dict
         "images": int(len(x)),
         "max_abs_logit_diff": round(float(abs(ref - got).max()), 6),
         "top1_agreement": round(float((ref.argmax(1) == got.argmax(1)).mean() * 100), 3),
-    }
-
-
-def _manifest(out: Path, model: nn.Module, target: targets.Target, precision: str, extra: dict) -> dict:
-    cfg = model.cfg
-    files = {p.name: {"sha256": sha256sum(p), "bytes": p.stat().st_size}
-             for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    return {
-        "format": "edgeres-export/1",
-        "model": cfg.name,
-        "target": target.name,
-        "runtime": target.runtime,
-        "precision": precision,
-        "input_name": "input",
-        "output_name": "logits",
-        "input_shape": ["batch", 3, cfg.input_size, cfg.input_size],
-        "preprocessing": {"layout": "NCHW", "channels": "RGB", "scale": "1/255", "mean": list(cfg.mean),
-                          "std": list(cfg.std)},
-        "model_cfg": cfg.to_dict(),
-        **extra,
-        "files": files,
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -371,7 +334,7 @@ def export(
         with atomic_write(tmp / "report.json") as f:
             f.write_text(json.dumps(report.to_dict(), indent=2))
         final = rows[-1]
-        manifest = _manifest(tmp, deployed, target, precision, {
+        manifest.write(tmp, cfg=deployed.cfg, target=target.name, runtime=target.runtime, precision=precision, extra={
             "classes": list(cfg.classes) if cfg.classes else test_ds.classes, "data": test_ds.name,
             "skipped_images": len(skipped), **extras,
             "weights": {"source": source, "random": random},
@@ -379,9 +342,7 @@ def export(
             "quantization": quant_info, "bn_fold": fold_info,
             "validation": {"top1_error": final.top1_error, "top1_accuracy": final.top1_accuracy,
                            "eval_images": final.eval_images, "runtime": final.runtime,
-                           "logits_agreement": agreement}})
-        with atomic_write(tmp / "manifest.json") as f:  # written last: its presence means the folder is whole
-            f.write_text(json.dumps(manifest, indent=2))
+                           "logits_agreement": agreement}})  # written last: the folder is whole
     return report
 
 
