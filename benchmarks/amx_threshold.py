@@ -1,4 +1,4 @@
-"""Which convs should take ORT's AMX kernels: edgeres INT8 with export.amx_conv_weights under several thresholds.
+"""Which convs should take ORT's AMX kernels: edgeres INT8 with backends.ort.amx_conv_weights under several thresholds.
 
     python benchmarks/amx_threshold.py [--model resnet20] [--threads 2] [--runs 600] [--json OUT]
 

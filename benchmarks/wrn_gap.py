@@ -9,10 +9,10 @@ A. Pre-activation WRN: the BN-ReLU after each residual add has no conv to fold i
    `QuantizeOptions(bn_as_conv=False)` NNCF leaves it unquantized and ORT runs DQ -> Add -> BatchNormalization
    -> Q with Transposes around it; the default (`fold_bn(..., depthwise=True)`) writes it as a depthwise 1x1
    conv that NNCF quantizes (QLinearAdd + QLinearConv, no FP32 island). Variant "int8 BN kept" vs "int8".
-B. `export.to_cpu_flavour` moves DequantizeLinear past pure data movement (Slice, Pad, Flatten...) so the
+B. `backends.ort.to_cpu_flavour` moves DequantizeLinear past pure data movement (Slice, Pad, Flatten...) so the
    option-A shortcut and the classifier fuse (QLinearAdd, QGemm). The library exposes no switch for it, so
    every variant here has it; this study has no variant without it.
-C. `export.amx_conv_weights`: wide convs get weight zero point -1 so ORT's QLinearConv takes MLAS's AMX QGEMM
+C. `backends.ort.amx_conv_weights`: wide convs get weight zero point -1 so ORT's QLinearConv takes MLAS's AMX QGEMM
    (microsoft/onnxruntime#14042). backends/ort.py applies it at load time on AMX hosts; here sessions are plain
    ORT sessions, so "int8" runs without it and "int8 +AMX" (AMX hosts only) with it.
 

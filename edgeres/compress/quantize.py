@@ -2,7 +2,7 @@
 
 The flow: fold BN (eager), `nncf.quantize` (symmetric int8: per-channel weights in [-127, 127],
 per-tensor activations), then make every activation quantizer signed so the one model serves both
-runtimes (TensorRT has no uint8; `export.to_cpu_flavour` turns post-ReLU int8 back into uint8
+runtimes (TensorRT has no uint8; `backends.ort.to_cpu_flavour` turns post-ReLU int8 back into uint8
 losslessly for ONNX Runtime). QAT is an ordinary training loop over the quantized model; `strip`
 yields plain torch fake-quant ops that export to ONNX QuantizeLinear/DequantizeLinear.
 """
