@@ -382,21 +382,13 @@ def _write_model_onnx(model: nn.Module, path: Path, target: targets.Target, inpu
 
 def _target_extras(tmp: Path, target: targets.Target, model: nn.Module, precision: str,
                    meta: artifact_meta.ArtifactMeta, test_ds) -> dict:
-    """What a target adds beside model.onnx: for TensorRT the lint, build script, DLA cache, README, and the
-    stand-alone runner with its golden inputs (the clearest of the first 64 test images)."""
-    if target.runtime != "tensorrt":
-        return {}
-    from edgeres.check import check_onnx
-    from edgeres.jetson import golden_set, write_bundle_extras
+    """What the target's runtime adds beside model.onnx (`Backend.bundle_extras`; TensorRT: lint, build script,
+    DLA cache, README, the stand-alone runner with golden inputs, the clearest of the first 64 test images)."""
 
-    lint = check_onnx(tmp / "model.onnx", target)
-    lint.raise_for_errors("model.onnx")
+    def first_images():
+        head = test_ds.take(torch.arange(min(64, len(test_ds))))  # in memory or streamed from an ImageFolder
+        return next(data.batches(head, 64, mean=meta.preprocess.mean, std=meta.preprocess.std))[0].numpy()
+
     size = model.cfg.input_size
-    head = test_ds.take(torch.arange(min(64, len(test_ds))))  # in memory or streamed from an ImageFolder
-    candidates, _ = next(data.batches(head, 64, mean=meta.preprocess.mean, std=meta.preprocess.std))
-    golden = golden_set(tmp / "model.onnx", candidates.numpy(), precision=precision)
-    written = write_bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision, input_shape=(3, size, size),
-                                  meta=meta, golden=golden)
-    return {"tensorrt_lint": lint.to_dict(), "bundle_files": sorted(p.name for p in written),
-            "compute_capability": target.compute_capability,
-            "tensorrt_versions": list(target.tensorrt.versions()) if target.tensorrt else []}
+    return get_backend(target.runtime).bundle_extras(tmp, target, onnx_name="model.onnx", precision=precision,
+                                                     input_shape=(3, size, size), meta=meta, images=first_images)

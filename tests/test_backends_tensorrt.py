@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeres import targets
 from edgeres.backends import tensorrt as trt_backend
 from edgeres.backends.tensorrt import DeviceInfo, trtexec_command
+from edgeres.backends.tensorrt import engine as trt_engine
 from edgeres.errors import EdgeresError, TargetError
 
 ORIN_NANO = targets.load("jetson-orin-nano")   # no DLA, 8 GB
@@ -266,8 +267,8 @@ def bundle(tmp_path, monkeypatch):
         trt_backend.engine_meta_path(out).write_text(json.dumps(meta))
         return out
 
-    monkeypatch.setattr(trt_backend, "build_engine", fake_build)
-    monkeypatch.setattr(trt_backend, "detect_device", lambda: ORIN_DEVICE)
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    monkeypatch.setattr(trt_engine, "detect_device", lambda: ORIN_DEVICE)
     return tmp_path, builds
 
 

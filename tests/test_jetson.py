@@ -11,8 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeres import jetson, targets
+from edgeres import targets
 from edgeres.backends import tensorrt as trt_backend
+from edgeres.backends.tensorrt import bundle as jetson
 from edgeres.errors import ExportError, TargetError
 
 ORIN_NX = targets.load("jetson-orin-nx")      # 2 DLA cores, 16 GB -> 4096 MiB workspace

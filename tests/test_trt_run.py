@@ -20,11 +20,12 @@ import onnx
 import pytest
 import torch
 
-from edgeres import artifact_meta, jetson, models, targets
+from edgeres import artifact_meta, models, targets
+from edgeres.backends.tensorrt import bundle as jetson
 from edgeres.export import export_onnx
 from edgeres.preprocess import Preprocess, eval_array
 
-RUNNER = Path(jetson.__file__).parent / "backends" / jetson.RUNNER
+RUNNER = Path(jetson.__file__).parent / jetson.RUNNER
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 

@@ -58,6 +58,8 @@ class Backend(Protocol):
 
     def meta_text(self, path: Path) -> tuple[str | None, str]: ...  # its edgeres metadata record, and where kept
 
+    def bundle_extras(self, folder: Path, target: Any, **facts: Any) -> dict: ...  # files beside the ONNX, facts
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> Session: ...
 
     def run(self, session: Session, batch: np.ndarray) -> np.ndarray: ...

@@ -358,6 +358,10 @@ class OpenVINOBackend:
         """The edgeres metadata record in the IR's rt_info (None without one), and where it was looked for."""
         return ir_meta_text(path), "its rt_info"
 
+    def bundle_extras(self, folder: Path, target, **facts) -> dict:
+        """Nothing beside the artifact: it stands alone."""
+        return {}
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None) -> OpenVINOSession:
         if options is not None and options.device not in (None, "cpu"):
             raise ExportError(f"the openvino backend runs on the CPU only, got device {options.device!r}")

@@ -287,6 +287,10 @@ class OrtBackend:
 
         return onnx_meta_text(path), "its metadata_props"
 
+    def bundle_extras(self, folder: Path, target, **facts) -> dict:
+        """Nothing beside the artifact: it stands alone."""
+        return {}
+
     def load(self, artifact: Artifact, options: RuntimeOptions | None = None):
         import onnxruntime as ort
 

@@ -22,7 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Union
 
 import numpy as np
 
@@ -49,14 +48,14 @@ def read_meta(bundle: Path) -> dict:
     return meta
 
 
-def class_names(meta: dict) -> List[str]:
+def class_names(meta: dict) -> list[str]:
     return meta["classes"] or [f"class {i}" for i in range(meta["num_classes"])]
 
 
 # --- preprocessing: the record in artifact.json, step by step ------------------------------------------------
 
 
-def load_rgb(path: Union[str, Path]):
+def load_rgb(path: str | Path):
     """Decode any image to RGB: EXIF orientation applied, transparency and 16-bit grey handled."""
     from PIL import Image, ImageOps
 
@@ -69,7 +68,7 @@ def load_rgb(path: Union[str, Path]):
         return im.convert("RGB")
 
 
-def preprocess(path: Union[str, Path], pre: dict) -> np.ndarray:
+def preprocess(path: str | Path, pre: dict) -> np.ndarray:
     """Resize the shorter side, centre-crop, scale, normalise: float32 CHW."""
     from PIL import Image
 
@@ -260,7 +259,7 @@ def info(bundle: Path, meta: dict) -> dict:
             "engine_build": json.loads(engine_json.read_text()) if engine_json.is_file() else None}
 
 
-def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: Optional[float] = None) -> dict:
+def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: float | None = None) -> dict:
     """Run golden.npz's inputs one by one; compare with the logits ONNX Runtime gave for this exact ONNX."""
     spec = meta.get("self_check") or {}
     path = bundle / spec.get("file", "golden.npz")
@@ -279,7 +278,7 @@ def self_check(engine: Engine, bundle: Path, meta: dict, max_diff: Optional[floa
             "passed": bool(np.isfinite(got).all() and agreement >= need and diff <= tolerance)}
 
 
-def classify(engine: Engine, meta: dict, images: List[str], top: int) -> List[dict]:
+def classify(engine: Engine, meta: dict, images: list[str], top: int) -> list[dict]:
     names = class_names(meta)
     results = []
     for path in images:
@@ -315,7 +314,7 @@ def bench(engine: Engine, meta: dict, batch: int, warmup: int, runs: int) -> dic
             "measures": "engine execution on the GPU; host<->device copies excluded"}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run this bundle's TensorRT engine (tensorrt + numpy only).")
     parser.add_argument("images", nargs="*", help="image files to classify")
     parser.add_argument("--bundle", type=Path, default=HERE, help="bundle folder (default: this file's)")

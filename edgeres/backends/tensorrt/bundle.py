@@ -1,7 +1,7 @@
 """The device half of a Jetson bundle: build.sh, calibration cache, build settings and README.
 
 build.sh finds the TensorRT on the device at run time and picks the trtexec flags for it. Every
-branch is rendered from `backends.tensorrt.trtexec_command`, the one source of truth for flags.
+branch is rendered from `plan.trtexec_command`, the one source of truth for flags.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 
 from edgeres import artifact_meta
 from edgeres.artifact_meta import ArtifactMeta
-from edgeres.backends import tensorrt as trt_backend
+from edgeres.backends.tensorrt import plan, qdq
 from edgeres.errors import ExportError, TargetError
 from edgeres.io import atomic_write
 from edgeres.targets import Target, parse_version
 
-RUNNER = "trt_run.py"                    # stand-alone runner (edgeres/backends/trt_run.py, copied verbatim)
+RUNNER = "trt_run.py"                    # stand-alone runner (edgeres/backends/tensorrt/trt_run.py, copied verbatim)
 GOLDEN = "golden.npz"                    # inputs + ONNX Runtime logits for the runner's --self-check
 ONNX_NAME = "model.onnx"
 GOLDEN_IMAGES = 8
@@ -101,7 +101,7 @@ def write_device_runner(bundle_dir: str | os.PathLike, meta: ArtifactMeta, golde
         np.savez(f, inputs=golden.inputs, logits=golden.logits)
     sidecar = artifact_meta.write_sidecar(bundle, meta, {"self_check": golden.self_check()})
     with atomic_write(bundle / RUNNER) as tmp:
-        tmp.write_text((Path(__file__).parent / "backends" / RUNNER).read_text(encoding="utf-8"), encoding="utf-8")
+        tmp.write_text((Path(__file__).parent / RUNNER).read_text(encoding="utf-8"), encoding="utf-8")
         tmp.chmod(0o755)
     return [bundle / GOLDEN, sidecar, bundle / RUNNER]
 
@@ -141,21 +141,21 @@ def write_bundle_extras(
 
         model = load(onnx_path)
         with atomic_write(bundle / noqdq_name(onnx_name)) as tmp:
-            tmp.write_bytes(trt_backend.strip_qdq(model).SerializeToString())
+            tmp.write_bytes(qdq.strip_qdq(model).SerializeToString())
         written.append(bundle / noqdq_name(onnx_name))
         if precision == "int8":
-            scales = calib_scales if calib_scales is not None else trt_backend.scales_from_qdq_onnx(model)
+            scales = calib_scales if calib_scales is not None else qdq.scales_from_qdq_onnx(model)
             if not scales:
                 raise ExportError(f"{onnx_name} has no activation Q/DQ to make a DLA calibration cache "
                                   "from; export it with --int8")
             cache = bundle / CALIBRATION_CACHE
-            written.append(trt_backend.write_calibration_cache(cache, scales, _cache_version(target)))
+            written.append(qdq.write_calibration_cache(cache, scales, _cache_version(target)))
 
-    settings = trt_backend.BuildSettings(
+    settings = plan.BuildSettings(
         target=target.name, precision=precision, onnx=onnx_name, input_shape=tuple(shape),
         onnx_noqdq=noqdq_name(onnx_name) if dla else None,
         calibration_cache=CALIBRATION_CACHE if cache else None,
-        workspace_mb=trt_backend.workspace_cap_mb(target, workspace_mb),
+        workspace_mb=plan.workspace_cap_mb(target, workspace_mb),
     )
     written.append(settings.write(bundle))
     files = {
@@ -196,7 +196,7 @@ def _shapes_flag(onnx_path: Path, shape: tuple[int, ...]) -> str | None:
 def _cache_version(target: Target) -> tuple[int, ...]:
     """Newest TensorRT of the target with a DLA path; build.sh rewrites the header on the device."""
     versions = [parse_version(v) for v in target.tensorrt.versions()] if target.tensorrt else []
-    dla_ok = [v for v in versions if v[:2] <= trt_backend.LAST_DLA]
+    dla_ok = [v for v in versions if v[:2] <= plan.LAST_DLA]
     return max(dla_ok) if dla_ok else parse_version(target.tensorrt.min)
 
 
@@ -217,7 +217,7 @@ def _branch_lines(target: Target, branch: VersionBranch, *, onnx_name: str, prec
                   has_cache: bool, workspace_mb: int | None, shapes: str | None) -> list[str]:
     common = {"precision": precision, "workspace_mb": workspace_mb, "shapes": shapes, "trtexec": TRTEXEC}
     try:
-        gpu = trt_backend.trtexec_command(onnx_name, trt_backend.ENGINE_NAME, target, branch.example,
+        gpu = plan.trtexec_command(onnx_name, plan.ENGINE_NAME, target, branch.example,
                                           **common)
     except TargetError as exc:
         return [f'fail "TensorRT $TRT_VERSION: "{_quote_reason(exc, branch)}']
@@ -227,7 +227,7 @@ def _branch_lines(target: Target, branch: VersionBranch, *, onnx_name: str, prec
     cache = DEVICE_CACHE if has_cache else None
     for core in range(target.dla_cores):
         try:
-            cmd = trt_backend.trtexec_command(noqdq_name(onnx_name), trt_backend.dla_engine_name(core), target,
+            cmd = plan.trtexec_command(noqdq_name(onnx_name), plan.dla_engine_name(core), target,
                                               branch.example, dla_core=core, calib_cache=cache, **common)
         except TargetError as exc:
             lines.append(f'note "TensorRT $TRT_VERSION: no DLA engine: "{_quote_reason(exc, branch)}')
@@ -311,7 +311,7 @@ def build_script(target: Target, *, onnx_name: str, precision: str, dla: bool = 
                               has_cache=has_cache, workspace_mb=workspace_mb, shapes=shapes)
         body += [f"    {line}" for line in lines]
     body.append("fi")
-    body.append(f'echo "done: {trt_backend.ENGINE_NAME}{" and the DLA engines" if dla else ""}" >&2')
+    body.append(f'echo "done: {plan.ENGINE_NAME}{" and the DLA engines" if dla else ""}" >&2')
     return text + "\n".join(body) + "\n"
 
 
@@ -354,7 +354,7 @@ def device_readme(target: Target, *, onnx_name: str, precision: str, shape: tupl
              f"- Memory bandwidth: {t.mem_bandwidth_gbs} GB/s" if t.mem_bandwidth_gbs else None]
     jetpack = "\n".join(f"| {r.jetpack} | {r.tensorrt} |" for r in (t.tensorrt.jetpack if t.tensorrt else ()))
     dla_text = (
-        f"\nOn this board build.sh also builds `{trt_backend.dla_engine_name(0)}` (and one engine per DLA core) from\n"
+        f"\nOn this board build.sh also builds `{plan.dla_engine_name(0)}` (and one engine per DLA core) from\n"
         f"`{noqdq_name(onnx_name)}` (the model without Q/DQ) and `{CALIBRATION_CACHE}` (the same INT8\n"
         "scales as a TensorRT calibration cache): the DLA has no explicit-Q/DQ path, and DLA builds need\n"
         "TensorRT <= 10.7. On newer TensorRT only the GPU engine is built.\n"
@@ -381,9 +381,9 @@ edgeres build BUNDLE              # or: the TensorRT Python API (pip install edg
 {dla_text}{_runner_readme(meta) if runner else ""}
 ## {4 if runner else 3}. With edgeres on the device: benchmark, evaluate, predict
 ```
-edgeres bench BUNDLE/{trt_backend.ENGINE_NAME}
-edgeres eval BUNDLE/{trt_backend.ENGINE_NAME} --data D      # top-1 error
-edgeres predict BUNDLE/{trt_backend.ENGINE_NAME} IMAGE...
+edgeres bench BUNDLE/{plan.ENGINE_NAME}
+edgeres eval BUNDLE/{plan.ENGINE_NAME} --data D      # top-1 error
+edgeres predict BUNDLE/{plan.ENGINE_NAME} IMAGE...
 ```
 
 ## Device
