@@ -298,7 +298,7 @@ def test_pipeline_bundle_has_golden_outputs_of_its_own_onnx(tmp_path):
     """A synthetic-data export for a Jetson target ships runner, record and golden set (FP16: no calibration,
     to keep the default suite lean; INT8 bundles take the same path)."""
     from edgeres import pipeline
-    from edgeres.bench import BenchOptions
+    from edgeres.latency import BenchOptions
 
     out = tmp_path / "orin"
     pipeline.export("resnet20", data_spec="synthetic", out=out, options=pipeline.ExportOptions(
