@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeres.backends.base import list_backends
+from edgeres.backends.base import list_backends, qdq_flavours
 from edgeres.errors import TargetError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-QDQ_FLAVOURS = ("cpu", "tensorrt", "openvino")
 TARGETS_ENV = "EDGERES_TARGETS"
 
 
@@ -272,7 +271,7 @@ def load_file(path: str | os.PathLike) -> Target:
         runtime=runtime,
         precisions=precisions,
         default_precision=default_precision,
-        qdq_flavour=r.choice("qdq_flavour", QDQ_FLAVOURS),
+        qdq_flavour=r.choice("qdq_flavour", qdq_flavours()),
         default_batch=r.positive("default_batch", int),
         onnx_opset=(lo, hi),
         memory_mb=r.positive("memory_mb", int, required=False),

@@ -13,7 +13,7 @@ import torch
 
 from edgeres import models, targets
 from edgeres.backends import Artifact, RuntimeOptions, get_backend
-from edgeres.backends.base import artifact_suffixes, open_artifact
+from edgeres.backends.base import artifact_suffixes, open_artifact, qdq_flavours
 from edgeres.export import export_onnx
 from edgeres.latency import BenchOptions, measure
 
@@ -69,6 +69,7 @@ class BackendContract:
         assert isinstance(backend.runs_on_host, bool) and set(self.precisions) <= set(backend.precisions)
         assert isinstance(backend.custom_domains, frozenset) and all(callable(r) for r in backend.lint_rules)
         assert artifact_suffixes()[self.suffix] == self.runtime
+        assert backend.qdq_flavour in qdq_flavours()
 
     def test_open_reads_precision_and_bytes_from_the_file(self, compiled):
         backend, artifact, _, _ = compiled

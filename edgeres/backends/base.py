@@ -44,6 +44,7 @@ class Backend(Protocol):
     name: str
     suffix: str  # the suffix of the artifacts it writes: ".onnx", ".xml", ".engine"
     reads: tuple[str, ...]  # the suffixes of the artifacts it opens (TensorRT: ".engine", ".plan")
+    qdq_flavour: str  # the name targets/*.toml give its Q/DQ dialect ("cpu", "openvino", "tensorrt")
     runs_on_host: bool  # can this machine load and time its artifacts?
     precisions: tuple[str, ...]  # what its artifacts can run as ("fp32", "fp16", "int8")
     custom_domains: frozenset[str]  # ONNX op domains it runs besides the standard one
@@ -82,6 +83,11 @@ def _backend_class(runtime: str) -> type:
     """The backend's class; importing its module never imports the runtime library itself."""
     module_name, _, cls_name = _BACKENDS[runtime].partition(":")
     return getattr(importlib.import_module(module_name), cls_name)
+
+
+def qdq_flavours() -> tuple[str, ...]:
+    """The Q/DQ dialect names a target profile may give (`qdq_flavour`), one per registered backend."""
+    return tuple(_backend_class(runtime).qdq_flavour for runtime in list_backends())
 
 
 def artifact_suffixes() -> dict[str, str]:

@@ -294,6 +294,7 @@ class OpenVINOBackend:
 
     name = "openvino"
     reads = (".xml",)
+    qdq_flavour = "openvino"  # what a target's `qdq_flavour` names for this dialect
     custom_domains = frozenset({"org.openvinotoolkit"})
     lint_rules = ()
     precisions = ("fp32", "int8")  # what its artifacts can run as

@@ -246,6 +246,7 @@ class OrtBackend:
     name = "onnxruntime"
     suffix = ".onnx"
     reads = (".onnx",)
+    qdq_flavour = "cpu"  # what a target's `qdq_flavour` names for this dialect
     custom_domains = frozenset({"com.microsoft"})  # ORT's contrib ops run too
     lint_rules = ()
     precisions = ("fp32", "int8")  # what its artifacts can run as

@@ -107,6 +107,7 @@ class TensorRTBackend:
     name = "tensorrt"
     suffix = ".engine"
     reads = (".engine", ".plan")
+    qdq_flavour = "tensorrt"  # what a target's `qdq_flavour` names for this dialect
     custom_domains: frozenset[str] = frozenset()  # standard ONNX only
     lint_rules = TENSORRT_RULES
     precisions = ("fp32", "fp16", "int8")  # the device builds FP32 ONNX as an FP16 engine on request
