@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edgeres.data import Dataset, batches, subset
+from edgeres.data import Dataset, batches, subset_indices
 from edgeres.errors import EdgeresError
 
 # calibration/ at the repository top; edgeres/_data/calibration links to it in a checkout, a wheel holds a copy
@@ -72,11 +72,17 @@ def load_calibration(name: str = "default", *, size: int | None = None) -> Calib
     return spec
 
 
-def calibration_set(spec: CalibrationSpec, ds: Dataset) -> Dataset:
-    """The images the spec selects from `ds` (which must be the spec's split)."""
+def calibration_indices(spec: CalibrationSpec, ds: Dataset) -> torch.Tensor:
+    """Indices into `ds` (the spec's split) of the images the spec selects."""
     if ds.split != spec.split:
         raise EdgeresError(f"calibration set {spec.name!r} draws from the {spec.split} split, got {ds.split}")
-    return subset(ds, spec.size, seed=spec.seed, class_balanced=spec.class_balanced)
+    return subset_indices(ds, spec.size, seed=spec.seed, class_balanced=spec.class_balanced)
+
+
+def calibration_set(spec: CalibrationSpec, ds: Dataset) -> Dataset:
+    """The images the spec selects from `ds` (which must be the spec's split)."""
+    idx = calibration_indices(spec, ds)
+    return ds if len(idx) == len(ds) else ds.take(idx)
 
 
 def calibration_batches(spec: CalibrationSpec, ds: Dataset, mean, std) -> list[torch.Tensor]:

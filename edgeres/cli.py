@@ -158,6 +158,18 @@ TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Target profile (
                                         "jetson, jetson-orin-nano, ... or a .toml path")]
 
 
+DEFAULT_VAL_SIZE = 5000  # budget.DEFAULT_VAL_SIZE; the CLI module stays import-light
+MaxDropOpt = Annotated[float | None, typer.Option("--max-drop", help="INT8 budget: most top-1 error (percentage "
+                                                  "points) to lose against the FP32 model; sensitive layers stay "
+                                                  "in float (FP32 on CPUs, FP16 in TensorRT bundles) until it holds")]
+ValDataOpt = Annotated[str | None, typer.Option("--val-data", help="Images that decide the fallback (their test/val "
+                                                "split); default: a held-out slice of the training split")]
+ValSizeOpt = Annotated[int, typer.Option("--val-size", help="Validation images that decide (class-balanced)")]
+BaselineOpt = Annotated[str | None, typer.Option("--baseline", help="With --weights pruned.pt: the unpruned model "
+                                                 "the budget and the FP32 row are against: a tagged name (e.g. "
+                                                 "resnet56.cifar10_akamaster) or an FP32 checkpoint")]
+
+
 def _batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in text.split(",") if v.strip())
@@ -192,6 +204,12 @@ def export_cmd(
                                              "yours")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images (default: all)")] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads for latency (default: all cores)")] = None,
+    max_drop: MaxDropOpt = None,
+    val_data: ValDataOpt = None,
+    val_size: ValSizeOpt = DEFAULT_VAL_SIZE,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="With --max-drop out of reach: ship the best "
+                                            "reached instead of failing")] = False,
+    baseline: BaselineOpt = None,
     num_classes: NumClassesOpt = None,
     width: WidthOpt = None,
     shortcut: ShortcutOpt = None,
@@ -202,20 +220,61 @@ def export_cmd(
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
     from edgeres import api
+    from edgeres.budget import BudgetOptions
     from edgeres.report import render
 
     _no_weight_conflict(model, weights, random_init)
     _one_precision(int8, fp16)
+    if (val_data is not None or keep_best) and max_drop is None:
+        raise typer.BadParameter("--val-data and --keep-best go with --max-drop PP", param_hint="--max-drop")
+    budget = None if max_drop is None else BudgetOptions(max_drop=max_drop, val_size=val_size, val_data=val_data,
+                                                         keep_best=keep_best)
     opts = api.ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs,
                              prune_lr=prune_lr, distill=distill, train_precision=train_precision,
                              train_device=train_device, qat_epochs=qat_epochs, qat_lr=qat_lr, calib=calib_set,
                              calib_size=calib, eval_limit=eval_limit, random_init=random_init,
                              bench=api.BenchOptions(batch_sizes=(1, 64), threads=threads),
-                             skip_bad_images=skip_bad_images)
+                             skip_bad_images=skip_bad_images, budget=budget, baseline=baseline)
     with _library_output_to_stderr():
         report = api.export(model, weights=weights, data_spec=data, out=out, num_classes=num_classes, options=opts,
                             **_arch(width, shortcut, input_size, None))
     render(report, as_json=as_json, notes=report.notes)
+
+
+@app.command("sensitivity")
+def sensitivity_cmd(
+    model: ModelArg,
+    target: TargetOpt = "cpu",
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    calib: Annotated[int | None, typer.Option(help="Calibration images (default: the set's own size)")] = None,
+    calib_set: Annotated[str, typer.Option(help="Calibration set in calibration/")] = "default",
+    val_data: ValDataOpt = None,
+    val_size: ValSizeOpt = DEFAULT_VAL_SIZE,
+    baseline: BaselineOpt = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads (default: all cores)")] = None,
+    random_init: RandomInitOpt = False,
+    num_classes: NumClassesOpt = None,
+    width: WidthOpt = None,
+    shortcut: ShortcutOpt = None,
+    input_size: InputSizeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank MODEL's quantized layers by INT8 sensitivity, measured through TARGET's runtime (leave-one-in-float)."""
+    from edgeres.bench import BenchOptions
+    from edgeres.budget import BudgetOptions
+    from edgeres.pipeline import ExportOptions, sensitivity
+    from edgeres.report import render
+
+    _no_weight_conflict(model, weights, random_init)
+    opts = ExportOptions(target=target, int8=True, calib=calib_set, calib_size=calib, baseline=baseline,
+                         random_init=random_init,
+                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads),
+                         budget=BudgetOptions(max_drop=0.0, val_size=val_size, val_data=val_data))
+    with _library_output_to_stderr():
+        result = sensitivity(model, weights=weights, data_spec=data, num_classes=num_classes, options=opts,
+                             **_arch(width, shortcut, input_size, None))
+    render(result, as_json=as_json)
 
 
 @app.command("bench")
@@ -257,11 +316,15 @@ def report_cmd(
     dirs: Annotated[list[Path], typer.Argument(help="Export folders (each with report.json)")],
     as_json: JsonOpt = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write top-1 error vs latency of every variant, "
+                                              "Pareto front marked (PNG/SVG/PDF; needs matplotlib)")] = None,
 ) -> None:
     """One table over any number of export folders (targets x precisions x pruning)."""
-    from edgeres.report import combine, render
+    from edgeres.report import combine, plot_tradeoff, render
 
     combined = combine(dirs)
+    if plot is not None:
+        plot_tradeoff(combined, plot)
     if markdown:
         sys.stdout.write(combined.markdown())
     else:

@@ -321,16 +321,25 @@ def check_classes(ds: Dataset, num_classes: int, model: str, *, fix: str) -> Non
 # ---------------------------------------------------------------- subsets and batches
 
 
-def subset(ds: AnyDataset, n: int, seed: int = 0, class_balanced: bool = True) -> AnyDataset:
-    """n images, as evenly spread over the classes as the data allows; deterministic for a seed."""
-    if n >= len(ds):
-        return ds
+def subset_indices(ds: AnyDataset, n: int, seed: int = 0, class_balanced: bool = True,
+                   exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of n images (all when n >= len), as evenly spread over the classes as the data allows.
+
+    Deterministic for a seed; images in `exclude` (indices) are never picked, e.g. a calibration set.
+    """
+    allowed = torch.ones(len(ds), dtype=torch.bool)
+    if exclude is not None and len(exclude):
+        allowed[exclude] = False
+    if n >= int(allowed.sum()):
+        return torch.nonzero(allowed).flatten()
     g = torch.Generator().manual_seed(seed)
     if not class_balanced:
-        idx = torch.randperm(len(ds), generator=g)[:n]
+        idx = torch.randperm(len(ds), generator=g)
+        idx = idx[allowed[idx]][:n]
     else:
         per_class = [torch.nonzero(ds.labels == c).flatten() for c in range(max(ds.num_classes, 1))]
         per_class = [p[torch.randperm(len(p), generator=g)] for p in per_class if len(p)]
+        per_class = [p[allowed[p]] for p in per_class]
         picked: list[torch.Tensor] = []
         rank = 0
         while sum(len(p) for p in picked) < n:
@@ -341,7 +350,14 @@ def subset(ds: AnyDataset, n: int, seed: int = 0, class_balanced: bool = True) -
             rank += 1
         idx = torch.cat(picked)[:n]
     idx, _ = torch.sort(idx)
-    return ds.take(idx)
+    return idx
+
+
+def subset(ds: AnyDataset, n: int, seed: int = 0, class_balanced: bool = True) -> AnyDataset:
+    """n images, as evenly spread over the classes as the data allows; deterministic for a seed."""
+    if n >= len(ds):
+        return ds
+    return ds.take(subset_indices(ds, n, seed=seed, class_balanced=class_balanced))
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:

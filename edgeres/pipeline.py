@@ -18,6 +18,7 @@ from torch import nn
 from edgeres import artifact_meta, data, manifest, targets
 from edgeres.backends.base import RuntimeOptions, get_backend
 from edgeres.bench import artifact_bytes, host_text
+from edgeres.budget import BudgetOptions
 from edgeres.calibration import calibration_batches, load_calibration
 from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.errors import EdgeresError
@@ -55,6 +56,8 @@ class ExportOptions:
     seed: int = 0
     random_init: bool = False  # export untrained weights (latency/memory work); every row says so
     skip_bad_images: bool = False  # undecodable files are skipped and counted instead of stopping the export
+    budget: BudgetOptions | None = None  # --max-drop: layers fall back to float until the drop is within it
+    baseline: str | None = None  # the unpruned model a pruned checkpoint (--weights pruned.pt) is judged against
 
 
 def _train_device(opts: ExportOptions) -> torch.device:
@@ -110,7 +113,7 @@ class _Measure:
     """
 
     def __init__(self, target: targets.Target, test_ds, mean, std, opts: ExportOptions, weights: str,
-                 worker: Worker) -> None:
+                 worker: Worker | None) -> None:
         self.target, self.test_ds, self.mean, self.std, self.opts = target, test_ds, mean, std, opts
         self.weights, self.worker = weights, worker
         self.baseline_error: float | None = None
@@ -123,6 +126,7 @@ class _Measure:
         session = self.backend.load(artifact, RuntimeOptions(threads=self.opts.bench.threads))
         result = evaluate_session(self.backend, session, self.test_ds, mean=self.mean, std=self.std,
                                   desc=f"eval {variant}")
+        cov = self.coverage(onnx_path, artifact, session)
         del session  # its threads must not compete with the measuring worker
         if self.baseline_error is None:
             self.baseline_error = result.top1_error
@@ -141,8 +145,21 @@ class _Measure:
             top1_accuracy=result.top1_accuracy, eval_images=result.total, file=artifact.path.name,
             latency_source=f"measured ({artifact.runtime}, this machine, fresh worker process)" if self.runs_here
             else f"not measured: build and bench on the {self.target.name} device",
-            model=model.cfg.name, weights=self.weights,
+            model=model.cfg.name, weights=self.weights, int8_macs_pct=round(100 * cov.int8_mac_share, 2),
+            int8_coverage=cov.to_dict(),
         )
+
+    def coverage(self, onnx_path: Path, artifact, session):
+        """INT8 share of MACs: measured from the runtime here, from the Q/DQ placement for TensorRT bundles."""
+        import onnx
+
+        from edgeres import coverage
+        from edgeres.fallback import all_layers
+
+        model = onnx.load(str(onnx_path))
+        if not self.runs_here:
+            return coverage.expected(model)
+        return self.backend.int8_coverage(artifact, session, all_layers(model))
 
 
 def _agreement(model: nn.Module, onnx_path: Path, test_ds, n: int = 256) -> dict:
@@ -181,6 +198,15 @@ def _check_options(opts: ExportOptions) -> tuple[targets.Target, str]:
         raise EdgeresError("--prune-epochs needs --prune R")
     if not opts.int8 and opts.qat_epochs:
         raise EdgeresError("--qat-epochs needs --int8")
+    if opts.budget is not None:
+        if not opts.int8:
+            raise EdgeresError("--max-drop is a budget for INT8; pass --int8 with it")
+        if not opts.budget.max_drop >= 0:
+            raise EdgeresError(f"--max-drop must be >= 0 percentage points, got {opts.budget.max_drop}")
+        if opts.budget.val_size < 1:
+            raise EdgeresError(f"--val-size must be >= 1, got {opts.budget.val_size}")
+    if opts.baseline is not None and opts.prune is not None:
+        raise EdgeresError("--baseline is for a checkpoint pruned earlier (--weights pruned.pt); drop --prune")
     _bf16_training(opts)  # rejects an unknown --train-precision or --train-device before any work
     if opts.int8:
         load_calibration(opts.calib, size=opts.calib_size)  # an unknown set or bad --calib fails before any work
@@ -243,6 +269,29 @@ def _quantize_stage(work: nn.Module, train_ds, opts: ExportOptions, example: tor
         "activations": "int8 symmetric per-tensor"}
 
 
+def _baseline(opts: ExportOptions, weights, net: nn.Module, num_classes, arch: dict) -> tuple[nn.Module, dict | None]:
+    """The model the user's budget is against: `--baseline M` (unpruned) when `--weights` is a pruned checkpoint."""
+    if opts.baseline is None:
+        return net, None
+    from edgeres.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(weights) if weights is not None else None
+    if ckpt is None or not ckpt.pruned:
+        raise EdgeresError("--baseline names the unpruned model of a pruned checkpoint; pass --weights pruned.pt "
+                           "(written by `edgeres export --prune`)")
+    if Path(opts.baseline).is_file():  # the user's own FP32 checkpoint (it names its model)
+        base = load_model(None, opts.baseline, num_classes=num_classes, **arch).eval()
+    else:  # a tagged name; random weights would judge nothing
+        require_weights(opts.baseline, None, False)
+        base = load_model(opts.baseline, None, num_classes=num_classes, **arch).eval()
+    if base.cfg.num_classes != net.cfg.num_classes or base.cfg.input_size != net.cfg.input_size:
+        raise EdgeresError(f"--baseline {opts.baseline} has {base.cfg.num_classes} classes at "
+                           f"{base.cfg.input_size} px; the checkpoint {net.cfg.num_classes} at {net.cfg.input_size}")
+    pruning = dict((ckpt.extra or {}).get("pruning") or {})
+    pruning.update({"from_checkpoint": str(weights), "baseline": opts.baseline})
+    return base, pruning
+
+
 def export(
     model_name: str | None,
     *,
@@ -260,9 +309,11 @@ def export(
     target, precision = _check_options(opts)
     net = load_model(model_name, weights, num_classes=num_classes, new_head=False, **arch).eval()
     random = require_weights(model_name, weights, opts.random_init) or untrained(net)  # after the name is checked
+    baseline, pruned_from = _baseline(opts, weights, net, num_classes, arch)
+    pruned = opts.prune is not None or pruned_from is not None
     cfg = net.cfg
     source = RANDOM_WEIGHTS if random else str(weights) if weights is not None else str(model_name)
-    out = check_output_dir(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if opts.prune else ''}")
+    out = check_output_dir(out or f"out/{cfg.name}-{target.name}-{precision}{'-pruned' if pruned else ''}")
     spec = data_spec or cfg.dataset
     test_ds = data.for_model(cfg, spec, "test", skip_bad_images=opts.skip_bad_images)
     fix = (f"fine-tune it for {test_ds.num_classes} classes first (edgeres train ... --num-classes "
@@ -274,6 +325,8 @@ def export(
     train_ds = data.for_model(cfg, spec, "train", skip_bad_images=opts.skip_bad_images) if needs_train else None
     if train_ds is not None:
         data.check_classes(train_ds, cfg.num_classes, cfg.name, fix=fix)
+    if opts.budget is not None:
+        _validation_images(opts, train_ds, test_ds)  # a bad --val-data fails here, before any work
     example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
     notes: list[str] = []
     if test_ds.synthetic:
@@ -299,29 +352,45 @@ def export(
         meta = replace(meta, weights={**meta.weights, "random_init": True})
     with atomic_dir(out) as tmp, Worker() as worker:
         measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source, worker)
-        info(f"[bold]FP32 baseline[/] {cfg.name}")
-        export_onnx(net, tmp / "fp32.onnx", input_size=cfg.input_size)
+        info(f"[bold]FP32 baseline[/] {baseline.cfg.name}")
+        export_onnx(baseline, tmp / "fp32.onnx", input_size=cfg.input_size)
         artifact_meta.embed_onnx(tmp / "fp32.onnx", replace(meta, precision="fp32"))
-        rows = [measure.row("fp32", "fp32", tmp / "fp32.onnx", net, 0.0)]
+        rows = [measure.row("fp32", "fp32", tmp / "fp32.onnx", baseline, 0.0)]
 
-        work, prune_info = net, None
+        work, prune_info, ratio = net, pruned_from, float((pruned_from or {}).get("ratio") or 0.0)
         if opts.prune is not None:
             work, prune_info = _prune_stage(net, train_ds, opts, example)
+            ratio = opts.prune
+        if pruned:
             export_onnx(work, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
             artifact_meta.embed_onnx(tmp / "pruned_fp32.onnx", replace(meta, precision="fp32"))
-            rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, opts.prune))
-            _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=source)
+            rows.append(measure.row("pruned fp32", "fp32", tmp / "pruned_fp32.onnx", work, ratio))
+            if opts.prune is not None:
+                _save_pruned(tmp / "pruned.pt", work, prune_info, baseline=rows[0], weights=source)
         deployed, fold_info = _fold_stage(work, example)
         if fold_info["unfoldable"]:  # pre-activation BNs: no conv before them to fold into
             fold_info["unfoldable_run_as"] = "int8 depthwise 1x1 conv" if opts.int8 else "fp32 BatchNormalization"
-        quant_info = None
+        quant_info = budget_info = None
+        float_nodes: list[str] = []
         if opts.int8:
             deployed, quant_info = _quantize_stage(work, train_ds, opts, example, tmp)
         deployed.cfg = cfg
-        _write_model_onnx(deployed, tmp / "model.onnx", target, cfg.input_size, opts.int8)
+        if opts.budget is not None:
+            result = _budget_stage(deployed, tmp, target, measure, train_ds, quant_info, opts, pruned)
+            budget_info, float_nodes = result.to_dict(), result.float_nodes
+            if not result.met and not opts.budget.keep_best:
+                raise EdgeresError(f"INT8 budget {opts.budget.max_drop} pp {result.verdict}; nothing was written. "
+                                   "Pass a larger --max-drop, or --keep-best to ship the best reached")
+        _write_model_onnx(deployed, tmp / "model.onnx", target, cfg.input_size, opts.int8, float_nodes)
         artifact_meta.embed_onnx(tmp / "model.onnx", replace(meta, precision=precision))
-        variant = ("pruned " if opts.prune else "") + precision
-        rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, opts.prune or 0.0))
+        variant = ("pruned " if pruned else "") + precision
+        if float_nodes:
+            variant += f" + {len(float_nodes)} {get_backend(target.runtime).fallback_precision}"
+        rows.append(measure.row(variant, precision, tmp / "model.onnx", deployed, ratio))
+        if budget_info is not None:
+            budget_info["test"] = _budget_test(rows, pruned, opts.budget.max_drop)
+            notes.append(_budget_note(budget_info))
+        notes += _coverage_notes(rows)
         agreement = _agreement(deployed, tmp / "model.onnx", test_ds)
         extras = _target_extras(tmp, target, deployed, precision, replace(meta, precision=precision), test_ds)
         skipped = sorted(set(test_ds.skipped) | set(train_ds.skipped if train_ds is not None else []))
@@ -330,6 +399,7 @@ def export(
         report = ExportReport(
             model=cfg.name, target=target.name, out=str(out), rows=rows, fold=fold_info, prune=prune_info,
             quantization=quant_info, agreement=agreement, notes=notes, extras=extras, host=host,
+            budget=budget_info,
         )
         with atomic_write(tmp / "report.json") as f:
             f.write_text(json.dumps(report.to_dict(), indent=2))
@@ -340,9 +410,12 @@ def export(
             "weights": {"source": source, "random": random},
             "pruning": prune_info and {k: v for k, v in prune_info.items() if k != "history"},
             "quantization": quant_info, "bn_fold": fold_info,
+            "mixed_precision": budget_info and {"float_layers": budget_info["fallback"],
+                                                "fallback_precision": get_backend(target.runtime).fallback_precision,
+                                                "max_drop_pp": budget_info["max_drop_pp"], "met": budget_info["met"]},
             "validation": {"top1_error": final.top1_error, "top1_accuracy": final.top1_accuracy,
                            "eval_images": final.eval_images, "runtime": final.runtime,
-                           "logits_agreement": agreement}})  # written last: the folder is whole
+                           "logits_agreement": agreement, "int8_coverage": final.int8_coverage}})  # written last
     return report
 
 
@@ -355,7 +428,8 @@ def _save_pruned(path: Path, model: nn.Module, prune_info: dict, *, baseline: Va
     save_checkpoint(path, model, pruned=prune_info["spec"], extra={"unpruned_baseline": {
         "model": model.cfg.name, "weights": str(weights) if weights else None, "top1_error": baseline.top1_error,
         "eval_images": baseline.eval_images, "runtime": baseline.runtime},
-        "random_init": str(weights) == RANDOM_WEIGHTS})  # so what it exports later says so too
+        "random_init": str(weights) == RANDOM_WEIGHTS,  # so what it exports later says so too
+        "pruning": {k: v for k, v in prune_info.items() if k not in ("history", "spec")}})
 
 
 def _artifact_meta(net: nn.Module, target: targets.Target, test_ds, spec, model_name: str | None,
@@ -370,12 +444,148 @@ def _artifact_meta(net: nn.Module, target: targets.Target, test_ds, spec, model_
     )
 
 
-def _write_model_onnx(model: nn.Module, path: Path, target: targets.Target, input_size: int, int8: bool) -> None:
-    """model.onnx: FP32 as exported, INT8 in the Q/DQ dialect of the target's runtime (its backend's flavour)."""
-    from edgeres.export import export_int8, export_onnx
+def _budget_stage(deployed: nn.Module, tmp: Path, target: targets.Target, measure: _Measure, train_ds,
+                  quant_info: dict, opts: ExportOptions, pruned: bool, rank_only: bool = False):
+    """Decide which layers stay out of INT8 (budget.search) on images the test figure is not reported on."""
+    import shutil
+
+    import onnx
+
+    from edgeres import budget
+    from edgeres.export import export_onnx
+
+    bopts = opts.budget
+    cfg = deployed.cfg
+    val_ds, decided = _validation_images(opts, train_ds, measure.test_ds)
+    decided["measured_on"] = f"{len(measure.test_ds)} {measure.test_ds.name} {measure.test_ds.split} images"
+    decided["runtime"] = measure.backend.name + ("" if measure.runs_here else " (the TensorRT bundle's own ONNX)")
+    work = tmp / "search"
+    work.mkdir()
+    try:
+        export_onnx(deployed, work / "raw.onnx", input_size=cfg.input_size)
+        candidate = budget.Candidate.for_target(onnx.load(str(work / "raw.onnx")), target)
+        judge = budget.Judge(measure.backend, target, val_ds, cfg.mean, cfg.std, work, opts.bench.threads)
+        judge.runs_here = measure.runs_here
+        result = budget.search(candidate, judge, reference_onnx=onnx.load(str(tmp / "fp32.onnx")),
+                               float_onnx=onnx.load(str(tmp / "pruned_fp32.onnx")) if pruned else None,
+                               options=bopts, decided_on=decided, rank_only=rank_only)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info(f"[bold]INT8 budget[/] {result.verdict or 'ranked'} ({result.search_seconds:.0f} s, "
+         f"{result.evaluations} evaluations)")
+    return result
+
+
+def sensitivity(
+    model_name: str | None,
+    *,
+    weights: str | os.PathLike | None = None,
+    data_spec: str | None = None,
+    num_classes: int | None = None,
+    options: ExportOptions = ExportOptions(int8=True),
+    **arch,
+):
+    """Every quantized layer ranked by sensitivity through the target's runtime (no artifact is written)."""
+    import tempfile
+
+    from edgeres.budget import BudgetOptions, SensitivityReport
+    from edgeres.export import export_onnx
+
+    opts = replace(options, int8=True, budget=options.budget or BudgetOptions(max_drop=0.0))
+    target, _ = _check_options(opts)
+    net = load_model(model_name, weights, num_classes=num_classes, new_head=False, **arch).eval()
+    require_weights(model_name, weights, opts.random_init)
+    baseline, pruned_from = _baseline(opts, weights, net, num_classes, arch)
+    cfg = net.cfg
+    spec = data_spec or cfg.dataset
+    test_ds = data.load_dataset(spec, "test", image_size=cfg.input_size)
+    train_ds = data.load_dataset(spec, "train", image_size=cfg.input_size)
+    example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
+    with tempfile.TemporaryDirectory(prefix="edgeres-sensitivity-") as name:
+        tmp = Path(name)
+        export_onnx(baseline, tmp / "fp32.onnx", input_size=cfg.input_size)
+        if pruned_from is not None:
+            export_onnx(net, tmp / "pruned_fp32.onnx", input_size=cfg.input_size)
+        deployed, quant_info = _quantize_stage(net, train_ds, opts, example, tmp)
+        deployed.cfg = cfg
+        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts)
+        result = _budget_stage(deployed, tmp, target, measure, train_ds, quant_info, opts, pruned_from is not None,
+                               rank_only=True)
+    return SensitivityReport(model=cfg.name, target=target.name, result=result)
+
+
+def _validation_images(opts: ExportOptions, train_ds, test_ds) -> tuple[data.Dataset, dict]:
+    """The images that decide the fallback, never the test split the final error is reported on."""
+    from edgeres import budget
+    from edgeres.calibration import calibration_indices, load_calibration
+
+    bopts = opts.budget
+    if bopts.val_data is not None:
+        val_ds = data.load_dataset(bopts.val_data, "test", image_size=test_ds.image_size)
+        if val_ds.name == test_ds.name and val_ds.split == test_ds.split:
+            raise EdgeresError(f"--val-data {bopts.val_data} is the test split the final error is reported on; "
+                               "pass other images, or leave it out for a held-out slice of the training split")
+        val_ds = data.subset(val_ds, bopts.val_size, seed=opts.seed)
+        return val_ds, {"images": len(val_ds), "source": f"--val-data {bopts.val_data} ({val_ds.split} split), "
+                        "class-balanced"}
+    calib = load_calibration(opts.calib, size=opts.calib_size)
+    val_ds = budget.held_out_slice(train_ds, calibration_indices(calib, train_ds), bopts.val_size, opts.seed)
+    return val_ds, {"images": len(val_ds), "source": f"a class-balanced slice of the {train_ds.name} training split "
+                    f"held out from calibration (its {calib.size} images excluded; seed {opts.seed + 1})"}
+
+
+def _budget_test(rows: list[VariantRow], pruned: bool, max_drop: float) -> dict:
+    """The final figures on the test split: the drop against the user's FP32, split into pruning and quantization."""
+    fp32, final = rows[0], rows[-1]
+    pruned_row = rows[1] if pruned else None
+    out = {"images": final.eval_images, "fp32_error": fp32.top1_error, "final_error": final.top1_error,
+           "final_drop_pp": round(final.top1_error - fp32.top1_error, 4),
+           "within_budget": final.top1_error - fp32.top1_error <= max_drop + 1e-9}
+    if pruned_row is not None:
+        out["pruning_cost_pp"] = round(pruned_row.top1_error - fp32.top1_error, 4)
+        out["quantization_cost_pp"] = round(final.top1_error - pruned_row.top1_error, 4)
+    return out
+
+
+def _budget_note(b: dict) -> str:
+    t, v = b["test"], b["validation"]
+    names = ", ".join(f["layer"] for f in b["fallback"]) or "none"
+    text = (f"INT8 budget {b['max_drop_pp']} pp: {b['verdict']}. Decided on {b['decided_on']['images']} images "
+            f"({b['decided_on']['source']}): all-INT8 {v['all_int8_drop_pp']:+.2f} pp; float layers: {names}. "
+            f"Final on {t['images']} test images: {t['final_drop_pp']:+.2f} pp")
+    if "pruning_cost_pp" in t:
+        text += f" (pruning {t['pruning_cost_pp']:+.2f}, quantization {t['quantization_cost_pp']:+.2f})"
+    if not t["within_budget"]:
+        text += " - over the budget on the test split: the validation images did not predict it"
+    return text + f"; search {b['search_seconds']:.0f} s, {b['evaluations']} evaluations"
+
+
+def _coverage_notes(rows: list[VariantRow]) -> list[str]:
+    """A float layer where INT8 was asked for is named, never only folded into a percentage."""
+    notes = []
+    for r in rows:
+        cov = r.int8_coverage or {}
+        if r.precision == "int8" and cov.get("float_layers"):
+            notes.append(f"{r.variant}: {r.int8_macs_pct:.1f} % of MACs in INT8 ({cov['source']}); not INT8: "
+                         f"{', '.join(cov['float_layers'])}")
+    return notes
+
+
+def _write_model_onnx(model: nn.Module, path: Path, target: targets.Target, input_size: int, int8: bool,
+                      float_nodes: list[str] | None = None) -> None:
+    """model.onnx: FP32 as exported, INT8 in the Q/DQ dialect of the target's runtime (its backend's flavour);
+    `float_nodes` (the budget's fallback layers) without Q/DQ, FP16-typed where the backend falls back to FP16."""
+    import tempfile
+
+    import onnx
+
+    from edgeres.budget import Candidate
+    from edgeres.export import export_onnx, save_onnx
 
     if int8:
-        export_int8(model, path, get_backend(target.runtime), input_size=input_size)
+        with tempfile.TemporaryDirectory(prefix="edgeres-int8-") as tmp:
+            raw = export_onnx(model, Path(tmp) / "raw.onnx", input_size=input_size)
+            save_onnx(Candidate.for_target(onnx.load(str(raw)), target).model(list(float_nodes or [])), path)
     else:
         export_onnx(model, path, input_size=input_size)
 

@@ -93,12 +93,21 @@ class VariantRow:
     latency_source: str = "measured"
     model: str = ""
     weights: str | None = None  # the weights' source; RANDOM_WEIGHTS: top-1 figures mean nothing
+    int8_macs_pct: float | None = None  # share of MACs that runs in INT8 (coverage.Coverage), percent
+    int8_coverage: dict | None = None  # its source (measured / expected), float layers
+
+    @property
+    def coverage_cell(self) -> str | None:
+        if self.int8_macs_pct is None:
+            return None
+        expected = self.int8_coverage and not str(self.int8_coverage.get("source", "")).startswith("measured")
+        return f"{self.int8_macs_pct:.1f}" + (" (expected)" if expected else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-ROW_COLUMNS = ["variant", "target", "precision", "pruned", "params", "MACs", "size MB", "p50 ms (b1)",
+ROW_COLUMNS = ["variant", "target", "precision", "pruned", "params", "MACs", "INT8 MACs %", "size MB", "p50 ms (b1)",
                "img/s (b64)", "top-1 err %", "Δ err pp"]
 
 
@@ -107,7 +116,7 @@ def _row_cells(r: VariantRow) -> list:
     err, delta = ("n/a (random weights)", "n/a") if random else (r.top1_error, r.top1_error_delta)
     variant = f"{r.variant} (random weights)" if random else r.variant
     return [variant, r.target, r.precision, f"{r.pruned:.0%}" if r.pruned else "-", r.params, r.macs,
-            r.size_mb, r.latency_ms_p50, r.throughput_ips, err, delta]
+            r.coverage_cell, r.size_mb, r.latency_ms_p50, r.throughput_ips, err, delta]
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,7 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
     host: dict | None = None  # where latency was measured: hostcpu.describe() plus "threads"; None if nowhere
+    budget: dict | None = None  # --max-drop: budget.SearchResult.to_dict() plus the final test figures
 
     @property
     def title(self) -> str:
@@ -136,7 +146,7 @@ class ExportReport:
         return {"model": self.model, "target": self.target, "out": self.out,
                 "rows": [r.to_dict() for r in self.rows], "bn_fold": self.fold, "pruning": self.prune,
                 "quantization": self.quantization, "logits_agreement": self.agreement, "notes": self.notes,
-                "host": self.host, **self.extras}
+                "host": self.host, **({"budget": self.budget} if self.budget is not None else {}), **self.extras}
 
     def table_rows(self):
         return ROW_COLUMNS, [_row_cells(r) for r in self.rows]
@@ -197,3 +207,67 @@ def print_error(message: str) -> None:
     from edgeres.progress import console
 
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def tradeoff_front(rows: list[VariantRow]) -> list[VariantRow]:
+    """Rows no other row beats on both top-1 error and batch-1 latency (measured latency only), fastest first."""
+    timed = sorted((r for r in rows if r.latency_ms_p50 is not None), key=lambda r: (r.latency_ms_p50, r.top1_error))
+    front: list[VariantRow] = []
+    for r in timed:
+        if not front or r.top1_error < front[-1].top1_error:
+            front.append(r)
+    return front
+
+
+def plot_tradeoff(report: CombinedReport, path: str | Path) -> Path:
+    """Top-1 error against batch-1 latency for every variant with a measured latency; the Pareto front joined.
+
+    Variants whose latency was not measured here (TensorRT bundles) are listed under the plot, not placed.
+    Written atomically; the format follows the suffix (png, svg, pdf).
+    """
+    import textwrap
+
+    from edgeres.errors import EdgeresError
+    from edgeres.io import atomic_write
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise EdgeresError("--plot needs matplotlib: pip install 'edgeres[plot]' (or matplotlib)") from exc
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    if fmt not in ("png", "svg", "pdf"):
+        raise EdgeresError(f"--plot writes .png, .svg or .pdf, got {path.name}")
+    timed = [r for r in report.rows if r.latency_ms_p50 is not None]
+    untimed = [r for r in report.rows if r.latency_ms_p50 is None]
+    if not timed:
+        raise EdgeresError("no variant in these folders has a measured latency to plot; measure on the device "
+                           "(`edgeres bench`) or pass CPU export folders")
+    front = tradeoff_front(timed)
+    fig = Figure(figsize=(8, 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    precisions = sorted({r.precision for r in timed})
+    colours = dict(zip(precisions, ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"], strict=False))
+    for prec in precisions:
+        pts = [r for r in timed if r.precision == prec]
+        ax.scatter([r.latency_ms_p50 for r in pts], [r.top1_error for r in pts], s=40,
+                   color=colours.get(prec, "tab:gray"), label=prec, zorder=3)
+    for r in timed:
+        label = f"{r.model} {r.variant}" + (f" [{r.target}]" if len({x.target for x in timed}) > 1 else "")
+        ax.annotate(label, (r.latency_ms_p50, r.top1_error), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.plot([r.latency_ms_p50 for r in front], [r.top1_error for r in front], color="tab:red", lw=1.2, ls="--",
+            marker="o", mfc="none", ms=11, label="Pareto front", zorder=2)
+    ax.set_xlabel("latency, batch 1, p50 (ms; measured where each report says)")
+    ax.set_ylabel("top-1 error % (through the runtime that ships)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    title = "top-1 error vs latency: " + ", ".join(sorted({r.model for r in timed}))
+    if untimed:
+        title += "\nnot placed (latency not measured here): " + "; ".join(
+            f"{r.model} {r.variant} [{r.target}] {r.top1_error:.2f} %" for r in untimed)
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return path

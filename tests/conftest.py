@@ -46,3 +46,23 @@ def resnet20_weights(data_root) -> Path:
     if not path.is_file():
         pytest.skip(f"pretrained checkpoint {path} not found")
     return path
+
+
+@pytest.fixture(scope="session")
+def qdq_resnet20(tmp_path_factory):
+    """A raw Q/DQ export (before any runtime flavour) of an int8 ResNet-20 calibrated on synthetic images."""
+    import onnx
+    import torch
+
+    from edgeres import data, models
+    from edgeres.compress import quantize
+    from edgeres.export import export_onnx
+
+    torch.manual_seed(0)
+    net = models.create("resnet20").eval()
+    ds = data.synthetic(n=32)
+    batches = [x for x, _ in data.batches(ds, 16, mean=net.cfg.mean, std=net.cfg.std)]
+    example = torch.zeros(1, 3, 32, 32)
+    stripped = quantize.strip(quantize.ptq(net, batches, example_input=example), example)
+    path = export_onnx(stripped, tmp_path_factory.mktemp("qdq") / "raw.onnx", input_size=32)
+    return onnx.load(str(path))

@@ -48,3 +48,43 @@ def test_piped_table_is_never_cut(capsys):
     render(CombinedReport([_row(params=269_722, macs=41_120_394, model="resnet20")], ["a"]))
     out = capsys.readouterr().out
     assert "41,120,394" in out and "269,722" in out and "top-1 err %" in out and "…" not in out
+
+
+def _point(variant, precision, latency, error, target="cpu"):
+    return _row(variant=variant, precision=precision, latency_ms_p50=latency, top1_error=error, target=target,
+                model="m")
+
+
+def test_tradeoff_front_keeps_rows_nothing_beats():
+    from edgeres.report import tradeoff_front
+
+    rows = [_point("fp32", "fp32", 1.0, 8.0), _point("int8", "int8", 0.3, 8.3),
+            _point("int8 + 1 fp32", "int8", 0.35, 8.1), _point("slow", "int8", 0.5, 8.2),
+            _point("trt", "int8", None, 7.0, "jetson")]
+    assert [r.variant for r in tradeoff_front(rows)] == ["int8", "int8 + 1 fp32", "fp32"]
+
+
+def test_plot_tradeoff_writes_a_picture_and_needs_matplotlib(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import builtins
+
+    from edgeres.errors import EdgeresError
+    from edgeres.report import CombinedReport, plot_tradeoff
+
+    report = CombinedReport([_point("fp32", "fp32", 1.0, 8.0), _point("int8", "int8", 0.3, 8.3),
+                             _point("trt", "int8", None, 7.0, "jetson")], ["a"])
+    out = plot_tradeoff(report, tmp_path / "t.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(EdgeresError, match=r"\.png, \.svg or \.pdf"):
+        plot_tradeoff(report, tmp_path / "t.gif")
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(EdgeresError, match="needs matplotlib"):
+        plot_tradeoff(report, tmp_path / "u.png")
+    assert not (tmp_path / "u.png").exists()

@@ -15,6 +15,7 @@ actually executes, layer by layer.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import shutil
 import tempfile
@@ -299,6 +300,7 @@ class OpenVINOBackend:
     lint_rules = ()
     precisions = ("fp32", "int8")  # what its artifacts can run as
     suffix = ".xml"  # with its .bin beside it
+    fallback_precision = "fp32"  # what a layer kept out of INT8 runs in (--max-drop)
 
     def __init__(self) -> None:
         self._ov = import_openvino()  # fail at get_backend("openvino"), before any long calibration
@@ -375,6 +377,53 @@ class OpenVINOBackend:
             raise ExportError(f"OpenVINO cannot compile {xml} ({_first_reason(exc)}); export it again") from exc
         return OpenVINOSession(compiled, compiled.create_infer_request(), describe_precision(compiled))
 
+    def int8_coverage(self, artifact: Artifact, session: OpenVINOSession, layers=None):
+        """INT8 share of MACs from the compiled model's runtime precisions (coverage.Coverage).
+
+        `layers` (fallback.all_layers of the ONNX the IR came from) give the PyTorch module names.
+        """
+        from edgeres.coverage import Coverage
+        from edgeres.fallback import node_module
+
+        by_node = {layer.node: layer for layer in layers or []}
+        ran = runtime_layers(session.compiled)
+        total = sum(r["macs"] for r in ran)
+        int8_macs = sum(r["macs"] for r in ran if r["int8"])
+
+        def name(r: dict) -> str:
+            known = [by_node[n].module for n in r["names"] if n in by_node]
+            return known[0] if known else node_module(r["names"][0].removesuffix("/WithoutBiases"))
+
+        return Coverage(int8_mac_share=round(int8_macs / total, 4) if total else 0.0,
+                        int8_layers=sum(r["int8"] for r in ran), layers=len(ran),
+                        source="measured: OpenVINO CPU plugin runtime precisions",
+                        float_layers=[name(r) for r in ran if not r["int8"]])
+
     def run(self, session: OpenVINOSession, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return session.request.infer({0: x}, share_inputs=True)[0]
+
+
+_MAC_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul"}
+
+
+def runtime_layers(compiled) -> list[dict]:
+    """Conv/FC layers of the graph the CPU plugin runs: original ONNX node names, MACs per image, precision.
+
+    MACs come from the runtime shapes (output elements x weight elements per output channel); a layer runs
+    in int8 when its runtime precision is i8/u8, the plugin's own record of the kernel it picked.
+    """
+    out = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        if _rt(op, "layerType") not in _MAC_LAYERS or op.get_input_size() < 2:
+            continue
+        y, w = op.output(0).get_partial_shape(), op.input(1).get_partial_shape()
+        if y.is_dynamic and any(d.is_dynamic for d in list(y)[1:]) or w.is_dynamic:
+            continue
+        out_elems = math.prod(d.get_length() for d in list(y)[1:])
+        w_dims = [d.get_length() for d in w]
+        per_out = math.prod(w_dims[1:]) if len(w_dims) > 1 else 1
+        macs = out_elems * per_out if _rt(op, "layerType") != "FullyConnected" else math.prod(w_dims)
+        out.append({"names": [n for n in _rt(op, "originalLayersNames").split(",") if n] or [op.get_friendly_name()],
+                    "macs": int(macs), "int8": _PRECISION_NAMES.get(_rt(op, "runtimePrecision")) == "int8"})
+    return out

@@ -245,6 +245,7 @@ class OrtBackend:
 
     name = "onnxruntime"
     suffix = ".onnx"
+    fallback_precision = "fp32"  # what a layer kept out of INT8 runs in (--max-drop)
     reads = (".onnx",)
     qdq_flavour = "cpu"  # what a target's `qdq_flavour` names for this dialect
     custom_domains = frozenset({"com.microsoft"})  # ORT's contrib ops run too
@@ -304,6 +305,60 @@ class OrtBackend:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ExportError(f"ONNX Runtime cannot load {artifact.path} ({first}); export it again") from exc
 
+    def int8_coverage(self, artifact: Artifact, session=None, layers=None, options: RuntimeOptions | None = None):
+        """INT8 share of MACs measured from the graph ORT runs on this host (coverage.Coverage)."""
+        import onnx
+
+        from edgeres.coverage import from_layers
+        from edgeres.fallback import all_layers, module_name
+
+        layers = layers if layers is not None else all_layers(onnx.load(str(artifact.path)))
+        int8 = {module_name(w) for w in int8_weights(artifact.path, options)}
+        return from_layers(layers, int8, "measured: ONNX Runtime's optimized graph (QLinearConv/QGemm kernels)")
+
     def run(self, session, batch: np.ndarray) -> np.ndarray:
         name = session.get_inputs()[0].name
         return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+# Fused int8 kernels in ORT's optimized graph, and the input that holds the layer's weight.
+INT8_KERNELS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "ConvInteger": 1, "MatMulInteger": 1}
+
+
+def int8_weights(onnx_path: str | Path, options: RuntimeOptions | None = None) -> set[str]:
+    """Weight initializers read by int8 kernels in the graph ORT actually runs on this host.
+
+    The session writes its optimized graph (`optimized_model_filepath`): a Conv whose Q/DQ ORT fused runs as
+    QLinearConv there; one it could not fuse runs as a float Conv between DequantizeLinear and QuantizeLinear.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort.InferenceSession(_model_for_host(Path(onnx_path)), session_options(options, opt), providers=PROVIDERS)
+        graph = onnx.load(str(opt)).graph
+    return {n.input[INT8_KERNELS[n.op_type]] for n in graph.node
+            if n.op_type in INT8_KERNELS and len(n.input) > INT8_KERNELS[n.op_type]}
+
+
+def output_shapes(onnx_model, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named tensors in one run on zeros at batch 1 (where ONNX shape inference cannot tell)."""
+    import copy as _copy
+
+    import onnx
+    import onnxruntime as ort
+
+    model = _copy.deepcopy(onnx_model)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    tensor = model.graph.input[0].type.tensor_type
+    shape = [d.dim_value or 1 for d in tensor.shape.dim]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
+    x = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    outs = [o.name for o in session.get_outputs()]
+    values = session.run(None, {model.graph.input[0].name: x})
+    return {n: tuple(v.shape) for n, v in zip(outs, values, strict=True) if n in set(names)}

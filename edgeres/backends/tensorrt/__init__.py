@@ -106,6 +106,7 @@ class TensorRTBackend:
 
     name = "tensorrt"
     suffix = ".engine"
+    fallback_precision = "fp16"  # a layer kept out of INT8 (--max-drop) is typed FP16 in the ONNX
     reads = (".engine", ".plan")
     qdq_flavour = "tensorrt"  # what a target's `qdq_flavour` names for this dialect
     custom_domains: frozenset[str] = frozenset()  # standard ONNX only
