@@ -321,17 +321,20 @@ class SensitivityReport:
     model: str
     target: str
     result: SearchResult
+    random_weights: bool = False  # --random-init: every top-1 figure here means nothing
 
     @property
     def title(self) -> str:
         r = self.result
-        return (f"{self.model} -> {self.target}: INT8 sensitivity, leave-one-in-float through "
+        warn = " [random weights: the top-1 figures mean nothing]" if self.random_weights else ""
+        return (f"{self.model} -> {self.target}{warn}: INT8 sensitivity, leave-one-in-float through "
                 f"{r.decided_on.get('runtime')} on {r.decided_on['images']} validation images (FP32 "
                 f"{r.reference_error:.2f} %, all-INT8 {r.int8_error:.2f} %, {r.search_seconds:.0f} s)")
 
     def to_dict(self) -> dict:
         r = self.result.to_dict()
-        return {"model": self.model, "target": self.target, "decided_on": r["decided_on"],
+        return {"model": self.model, "target": self.target, "random_weights": self.random_weights,
+                "decided_on": r["decided_on"],
                 "validation": r["validation"], "sensitivity_measure": r["sensitivity_measure"],
                 "ranking": r["ranking"], "search_seconds": r["search_seconds"], "evaluations": r["evaluations"]}
 
