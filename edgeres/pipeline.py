@@ -494,7 +494,7 @@ def sensitivity(
     opts = replace(options, int8=True, budget=options.budget or BudgetOptions(max_drop=0.0))
     target, _ = _check_options(opts)
     net = load_model(model_name, weights, num_classes=num_classes, new_head=False, **arch).eval()
-    random = require_weights(model_name, weights, opts.random_init)
+    random = require_weights(model_name, weights, opts.random_init) or untrained(net)
     baseline, pruned_from = _baseline(opts, weights, net, num_classes, arch)
     cfg = net.cfg
     spec = data_spec or cfg.dataset
