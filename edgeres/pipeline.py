@@ -509,7 +509,7 @@ def sensitivity(
         deployed, quant_info = _quantize_stage(net, train_ds, opts, example, tmp)
         deployed.cfg = cfg
         source = RANDOM_WEIGHTS if random else str(weights) if weights is not None else str(model_name)
-        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source)
+        measure = _Measure(target, test_ds, cfg.mean, cfg.std, opts, source, worker=None)  # no rows: no latency
         result = _budget_stage(deployed, tmp, target, measure, train_ds, quant_info, opts, pruned_from is not None,
                                rank_only=True)
     return SensitivityReport(model=cfg.name, target=target.name, result=result, random_weights=random)
