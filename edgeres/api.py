@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeres import data, models
+from edgeres.budget import BudgetOptions as BudgetOptions  # re-exported: the CLI builds its options here
 from edgeres.checkpoint import load_model, require_weights, untrained
 from edgeres.evaluate import EvalResult, evaluate
 from edgeres.fit import FitOptions, FitReport
@@ -24,6 +25,7 @@ from edgeres.train import SCHEDULES, TrainConfig, recipe
 
 if TYPE_CHECKING:
     from edgeres.bench import BenchResult
+    from edgeres.budget import SensitivityReport
     from edgeres.train import TrainResult
 
 __all__ = ["SCHEDULES", "BenchOptions", "ExportOptions", "FitOptions", "TrainConfig"]  # records the CLI builds
@@ -393,6 +395,22 @@ def export(
 
     return pipeline.export(model, weights=weights, data_spec=data_spec, out=out, num_classes=num_classes,
                            options=options, **arch)
+
+
+def sensitivity(
+    model: str | None,
+    *,
+    weights: str | os.PathLike | None = None,
+    data_spec: str | None = None,
+    num_classes: int | None = None,
+    options: ExportOptions = ExportOptions(int8=True),
+    **arch,
+) -> SensitivityReport:
+    """Every quantized layer of `model` ranked by INT8 sensitivity through `options.target`'s runtime."""
+    from edgeres import pipeline
+
+    return pipeline.sensitivity(model, weights=weights, data_spec=data_spec, num_classes=num_classes,
+                                options=options, **arch)
 
 
 def bench(artifact: str | os.PathLike, *, options: BenchOptions = BenchOptions()) -> BenchResult:

@@ -220,14 +220,13 @@ def export_cmd(
 ) -> None:
     """Export MODEL for TARGET; report size, latency and top-1 error of each variant."""
     from edgeres import api
-    from edgeres.budget import BudgetOptions
     from edgeres.report import render
 
     _no_weight_conflict(model, weights, random_init)
     _one_precision(int8, fp16)
     if (val_data is not None or keep_best) and max_drop is None:
         raise typer.BadParameter("--val-data and --keep-best go with --max-drop PP", param_hint="--max-drop")
-    budget = None if max_drop is None else BudgetOptions(max_drop=max_drop, val_size=val_size, val_data=val_data,
+    budget = None if max_drop is None else api.BudgetOptions(max_drop=max_drop, val_size=val_size, val_data=val_data,
                                                          keep_best=keep_best)
     opts = api.ExportOptions(target=target, int8=int8, fp16=fp16, prune=prune, prune_epochs=prune_epochs,
                              prune_lr=prune_lr, distill=distill, train_precision=train_precision,
@@ -261,18 +260,16 @@ def sensitivity_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Rank MODEL's quantized layers by INT8 sensitivity, measured through TARGET's runtime (leave-one-in-float)."""
-    from edgeres.bench import BenchOptions
-    from edgeres.budget import BudgetOptions
-    from edgeres.pipeline import ExportOptions, sensitivity
+    from edgeres import api
     from edgeres.report import render
 
     _no_weight_conflict(model, weights, random_init)
-    opts = ExportOptions(target=target, int8=True, calib=calib_set, calib_size=calib, baseline=baseline,
-                         random_init=random_init,
-                         bench=BenchOptions(batch_sizes=(1, 64), threads=threads),
-                         budget=BudgetOptions(max_drop=0.0, val_size=val_size, val_data=val_data))
+    opts = api.ExportOptions(target=target, int8=True, calib=calib_set, calib_size=calib, baseline=baseline,
+                             random_init=random_init,
+                             bench=api.BenchOptions(batch_sizes=(1, 64), threads=threads),
+                             budget=api.BudgetOptions(max_drop=0.0, val_size=val_size, val_data=val_data))
     with _library_output_to_stderr():
-        result = sensitivity(model, weights=weights, data_spec=data, num_classes=num_classes, options=opts,
+        result = api.sensitivity(model, weights=weights, data_spec=data, num_classes=num_classes, options=opts,
                              **_arch(width, shortcut, input_size, None))
     render(result, as_json=as_json)
 
