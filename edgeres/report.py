@@ -228,7 +228,7 @@ def plot_tradeoff(report: CombinedReport, path: str | Path) -> Path:
     import textwrap
 
     from edgeres.errors import EdgeresError
-    from edgeres.io import atomic_write
+    from edgeres.io import atomic_write, check_output_file
 
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -239,6 +239,7 @@ def plot_tradeoff(report: CombinedReport, path: str | Path) -> Path:
     fmt = path.suffix.lower().lstrip(".") or "png"
     if fmt not in ("png", "svg", "pdf"):
         raise EdgeresError(f"--plot writes .png, .svg or .pdf, got {path.name}")
+    check_output_file(path, option="--plot")  # a file of the user's is never replaced
     timed = [r for r in report.rows if r.latency_ms_p50 is not None]
     untimed = [r for r in report.rows if r.latency_ms_p50 is None]
     if not timed:
@@ -268,6 +269,6 @@ def plot_tradeoff(report: CombinedReport, path: str | Path) -> Path:
         title += "\nnot placed (latency not measured here): " + "; ".join(
             f"{r.model} {r.variant} [{r.target}] {r.top1_error:.2f} %" for r in untimed)
     fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
+    with atomic_write(path) as tmp:  # a PNG says it is edgeres's, so a rerun may replace it
+        fig.savefig(tmp, format=fmt, dpi=120, metadata={"Software": "edgeres"} if fmt == "png" else None)
     return path

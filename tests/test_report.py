@@ -88,3 +88,20 @@ def test_plot_tradeoff_writes_a_picture_and_needs_matplotlib(tmp_path, monkeypat
     with pytest.raises(EdgeresError, match="needs matplotlib"):
         plot_tradeoff(report, tmp_path / "u.png")
     assert not (tmp_path / "u.png").exists()
+
+
+def test_plot_tradeoff_never_replaces_a_file_it_did_not_write(tmp_path):
+    pytest.importorskip("matplotlib")
+    from edgeres.errors import EdgeresError
+    from edgeres.report import CombinedReport, plot_tradeoff
+
+    report = CombinedReport([_point("fp32", "fp32", 1.0, 8.0), _point("int8", "int8", 0.3, 8.3)], ["a"])
+    users = tmp_path / "mine.png"
+    users.write_bytes(b"the user's own picture")
+    with pytest.raises(EdgeresError, match="edgeres did not write it"):
+        plot_tradeoff(report, users)
+    assert users.read_bytes() == b"the user's own picture"
+    ours = plot_tradeoff(report, tmp_path / "t.png")
+    first = ours.read_bytes()
+    plot_tradeoff(report, ours)  # its own earlier plot may be replaced
+    assert ours.read_bytes()[:8] == first[:8] == b"\x89PNG\r\n\x1a\n"
