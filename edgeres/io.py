@@ -1,7 +1,7 @@
 """Artifacts appear whole or not at all, and never over a user's own files.
 
 `atomic_write` / `atomic_dir` write beside the output under a temp name that says edgeres made it and which
-process (`.NAME.edgeres-PID-XXXX.tmp`), then rename. `check_output_dir` / `check_output_file` are the one rule
+process (`.NAME.edgeres-PID-<random>.tmp`), then rename. `check_output_dir` / `check_output_file` are the one rule
 for every output a command is given: a folder is replaced (or filled) only when it is empty or edgeres made it
 (its `.edgeres` marker, or an export's manifest.json), a file only when edgeres wrote it; anything else is an
 error naming the path and the way out, before any work and with nothing touched. Temp files and folders left
