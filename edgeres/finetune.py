@@ -110,9 +110,24 @@ def finetune(
     criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Fine-tune `model` in place for `epochs` (`batches_for_epoch(e)` yields that epoch's batches) with a cosine
-    learning rate over every step; only parameters that require grad train. One history entry per epoch."""
+    learning rate over every step; only parameters that require grad train. One history entry per epoch.
+
+    It trains on `options.device` (a criterion with `to`, such as a distillation teacher, moves too) and hands the
+    model back on the CPU."""
     if epochs < 1 or steps_per_epoch < 1:
         raise ModelError(f"fine-tuning needs epochs >= 1 and steps_per_epoch >= 1, got {epochs} and {steps_per_epoch}")
+    model.to(options.device)
+    if hasattr(criterion, "to"):
+        criterion.to(options.device)
+    try:
+        return _epochs(model, batches_for_epoch, epochs, steps_per_epoch, options, desc, criterion)
+    finally:
+        model.to("cpu")
+        if hasattr(criterion, "to"):
+            criterion.to("cpu")
+
+
+def _epochs(model, batches_for_epoch, epochs, steps_per_epoch, options, desc, criterion) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)

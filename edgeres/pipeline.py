@@ -88,9 +88,6 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
     from edgeres.finetune import FinetuneOptions, finetune
 
     device = _train_device(opts)
-    model.to(device)
-    if criterion is not None and hasattr(criterion, "teacher"):
-        criterion.teacher.to(device)
     history = finetune(
         model,
         lambda epoch: data.batches(train_ds, opts.batch_size, mean=model.cfg.mean, std=model.cfg.std, train=True,
@@ -98,9 +95,7 @@ def _finetune(model: nn.Module, train_ds, epochs: int, lr: float, opts: ExportOp
         epochs, steps_per_epoch=data.num_batches(train_ds, opts.batch_size), desc=desc, criterion=criterion,
         options=FinetuneOptions(lr=lr, momentum=0.9, weight_decay=1e-4, bf16=_bf16_training(opts), device=str(device)),
     )
-    model.to("cpu").eval()
-    if criterion is not None and hasattr(criterion, "teacher"):
-        criterion.teacher.to("cpu")
+    model.eval()
     return history
 
 

@@ -38,6 +38,11 @@ class Distillation:
                         reduction="batchmean", log_target=True)
         return self.alpha * t * t * soft + (1.0 - self.alpha) * F.cross_entropy(logits, y)
 
+    def to(self, device: torch.device | str) -> Distillation:
+        """Move the teacher with the student (a fine-tune on a GPU)."""
+        self.teacher.to(device)
+        return self
+
     def to_dict(self) -> dict:
         return {"method": "logit distillation from the unpruned model", "temperature": self.temperature,
                 "alpha": self.alpha}
