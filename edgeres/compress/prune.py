@@ -108,14 +108,24 @@ def _shape(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def pruned_spec(model: nn.Module) -> dict:
-    """Layer shapes that rebuild a pruned model: {name: {"type", "in", "out"}} per conv, BN and linear."""
+SPEC_FORMAT = "edgeres-pruned/2"
+
+
+def _layer_shapes(model: nn.Module) -> dict:
     spec = {}
     for name, m in model.named_modules():
         shape = _shape(m)
         if shape is not None:
             spec[name] = {"type": type(m).__name__, "in": shape[0], "out": shape[1]}
     return spec
+
+
+def pruned_spec(model: nn.Module) -> dict:
+    """What rebuilds a pruned model from a fresh one: the residual blocks removed (depth pruning, in forward
+    order) and the shape of every conv, BN and linear left ({name: {"type", "in", "out"}})."""
+    from edgeres.compress.depth import removed_blocks
+
+    return {"format": SPEC_FORMAT, "removed_blocks": removed_blocks(model), "layers": _layer_shapes(model)}
 
 
 def _reshaped(m: nn.Module, cin: int, cout: int) -> nn.Module:
@@ -131,9 +141,25 @@ def _reshaped(m: nn.Module, cin: int, cout: int) -> nn.Module:
 
 
 def apply_pruned_spec(model: nn.Module, spec: dict) -> nn.Module:
-    """Reshape a freshly built model's layers in place to `spec`, so a pruned state_dict loads strictly."""
+    """Make a freshly built model take a pruned state_dict strictly: remove the spec's blocks, then reshape its
+    layers in place. Reads this module's format and the layer-only map written before depth pruning existed."""
+    from edgeres.compress.depth import remove_in_place
+
+    if spec.get("format") == SPEC_FORMAT:
+        removed, layers = spec.get("removed_blocks") or [], spec.get("layers") or {}
+    elif "format" in spec:
+        raise CheckpointError(f"pruned spec format {spec['format']!r} is newer than this edgeres reads "
+                              f"({SPEC_FORMAT}); upgrade edgeres")
+    else:
+        removed, layers = [], spec
+    if removed:
+        try:
+            remove_in_place(model, removed)
+        except ModelError as exc:
+            raise CheckpointError(f"the checkpoint's removed blocks do not fit the model: {exc}; rebuild the "
+                                  "checkpoint's own architecture (same model name and options)") from exc
     modules = dict(model.named_modules())
-    for name, entry in spec.items():
+    for name, entry in layers.items():
         m = modules.get(name)
         if m is None or type(m).__name__ != entry.get("type"):
             raise CheckpointError(
