@@ -23,6 +23,7 @@ from edgeres.errors import ExportError
 from edgeres.onnxgraph import Graph as _Graph
 from edgeres.onnxgraph import clear_value_info as _clear_value_info
 from edgeres.onnxgraph import drop_dead_nodes as _drop_dead_nodes
+from edgeres.onnxgraph import tensor_shapes as _tensor_shapes
 
 LAYER_OPS = ("Conv", "Gemm")
 # Pure data movement: a layer that alone reads it (Flatten before the classifier) owns its input through it.
@@ -63,22 +64,19 @@ def module_name(weight: str) -> str:
 
 
 def layer_macs(onnx_model) -> dict[str, int]:
-    """MACs per image of every Conv and Gemm node, by node name (output shapes from one run at batch 1).
-
-    The option-A shortcut's Pad takes run-time pads, so ONNX shape inference stops there; ONNX Runtime
-    (`backends.ort.output_shapes`) gives the shapes instead.
-    """
-    from edgeres.backends.ort import output_shapes
-
+    """MACs per image of every Conv and Gemm node, by node name (output shapes from ONNX shape inference)."""
     gr = _Graph(onnx_model)
     layers = [n for n in gr.g.node if n.op_type in LAYER_OPS]
-    shapes = output_shapes(onnx_model, [n.output[0] for n in layers]) if layers else {}
+    shapes = _tensor_shapes(onnx_model, [n.output[0] for n in layers]) if layers else {}
     out = {}
     for n in layers:
         w = _weight_array_shape(gr, n.input[1])
         if w is None:
             raise ExportError(f"cannot find the weight of {n.op_type} {n.name!r}")
-        y = shapes[n.output[0]]
+        y = shapes.get(n.output[0], ())
+        if n.op_type == "Conv" and (len(y) < 2 or None in y[1:]):
+            raise ExportError(f"cannot infer the output shape of {n.name!r} ({y or 'none'}); "
+                              "re-export the model with a fixed input size")
         out[n.name] = int(np.prod(y[1:])) * int(np.prod(w[1:])) if n.op_type == "Conv" else int(w[0]) * int(w[1])
     return out
 

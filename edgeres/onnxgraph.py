@@ -322,3 +322,58 @@ def drop_dead_nodes(gr: Graph) -> None:
         for n in dead:
             gr.g.node.remove(n)
         gr.refresh()
+
+
+def fold_constants(onnx_model) -> onnx.ModelProto:
+    """A copy where every standard node computed from constants alone is replaced by its value (an initializer).
+
+    Evaluated by ONNX's own reference implementation (numpy, no runtime). Q/DQ stay as they are: weights keep
+    their quantization, and the reference has no Q/DQ before opset 19. The exporter computes the option-A
+    shortcut's Pad pads this way, which stops ONNX shape inference until they are folded.
+    """
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = onnx_model.graph
+    inits = {t.name for t in g.initializer}
+    known = set(inits)
+    folded, kept = [], []
+    for n in g.node:
+        if n.domain in ("", "ai.onnx") and n.op_type not in QDQ and all(not i or i in known for i in n.input):
+            folded.append(n)
+            known.update(o for o in n.output if o)
+        else:
+            kept.append(n)
+    needed = sorted({i for n in kept for i in n.input if i in known and i not in inits}
+                    | {o.name for o in g.output if o.name in known and o.name not in inits})
+    model = copy.deepcopy(onnx_model)
+    if not needed:
+        return model
+    sub = onnx.helper.make_graph(folded, "constants", [], [onnx.helper.make_empty_tensor_value_info(n) for n in needed],
+                                 initializer=list(g.initializer))
+    try:
+        values = ReferenceEvaluator(onnx.helper.make_model(sub, opset_imports=onnx_model.opset_import,
+                                                           ir_version=onnx_model.ir_version)).run(None, {})
+    except Exception:  # noqa: BLE001  (an op the reference lacks: shapes behind it stay unknown, and say so)
+        return model
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name)
+                                   for name, v in zip(needed, values, strict=True))
+    return model
+
+
+def tensor_shapes(onnx_model, names: list[str]) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of the named tensors from ONNX shape inference over the constant-folded graph (None: unknown dim)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(fold_constants(onnx_model), data_prop=True)
+    g = model.graph
+    infos = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
+    out = {}
+    for name in names:
+        if name in infos and infos[name].type.tensor_type.HasField("shape"):
+            out[name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                              for d in infos[name].type.tensor_type.shape.dim)
+    return out

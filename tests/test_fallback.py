@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -80,3 +82,26 @@ def test_type_fp16_casts_around_the_layer_for_strongly_typed_tensorrt(qdq_resnet
     assert check_onnx(trt, "jetson-orin-nano").ok  # the lint that gates the bundle still passes
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32), dtype=np.float32)
     assert np.isfinite(_run(trt, x)).all()
+
+
+def test_macs_need_no_runtime(qdq_resnet20, tmp_path):
+    """Shapes come from ONNX shape inference over the folded constants (the option-A Pad's pads included)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "raw.onnx"
+    onnx.save(qdq_resnet20, str(path))
+    code = ("import sys; sys.modules['onnxruntime'] = sys.modules['openvino'] = None\n"
+            "import onnx; from edgeres import fallback\n"
+            f"print(sum(fallback.layer_macs(onnx.load({str(path)!r})).values()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "40551040"
+
+
+def test_macs_stop_where_a_shape_is_unknown(qdq_resnet20):
+    model = copy.deepcopy(qdq_resnet20)
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"  # a dynamic input size: no conv output has a known size
+    del model.graph.value_info[:]
+    with pytest.raises(ExportError, match="output shape of '/conv1/Conv'"):
+        fallback.layer_macs(model)

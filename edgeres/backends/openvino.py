@@ -29,7 +29,9 @@ import numpy as np
 from edgeres.artifact_meta import KEY as META_KEY
 from edgeres.artifact_meta import onnx_meta_text
 from edgeres.backends.base import Artifact, RuntimeOptions
+from edgeres.coverage import Coverage
 from edgeres.errors import ExportError, TargetError
+from edgeres.fallback import node_module
 from edgeres.io import sha256sum
 from edgeres.onnxgraph import (
     Graph,
@@ -377,14 +379,11 @@ class OpenVINOBackend:
             raise ExportError(f"OpenVINO cannot compile {xml} ({_first_reason(exc)}); export it again") from exc
         return OpenVINOSession(compiled, compiled.create_infer_request(), describe_precision(compiled))
 
-    def int8_coverage(self, artifact: Artifact, session: OpenVINOSession, layers=None):
+    def int8_coverage(self, artifact: Artifact, session: OpenVINOSession, layers=None) -> Coverage:
         """INT8 share of MACs from the compiled model's runtime precisions (coverage.Coverage).
 
         `layers` (fallback.all_layers of the ONNX the IR came from) give the PyTorch module names.
         """
-        from edgeres.coverage import Coverage
-        from edgeres.fallback import node_module
-
         by_node = {layer.node: layer for layer in layers or []}
         ran = runtime_layers(session.compiled)
         total = sum(r["macs"] for r in ran)

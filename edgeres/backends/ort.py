@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeres.backends.base import Artifact, RuntimeOptions
+from edgeres.coverage import Coverage, from_layers
 from edgeres.errors import ExportError
+from edgeres.fallback import all_layers, module_name
 from edgeres.hostcpu import has_amx_int8
 from edgeres.io import atomic_write, sha256sum
 from edgeres.onnxgraph import (
@@ -305,12 +307,10 @@ class OrtBackend:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ExportError(f"ONNX Runtime cannot load {artifact.path} ({first}); export it again") from exc
 
-    def int8_coverage(self, artifact: Artifact, session=None, layers=None, options: RuntimeOptions | None = None):
+    def int8_coverage(self, artifact: Artifact, session=None, layers=None, options: RuntimeOptions | None = None
+                      ) -> Coverage:
         """INT8 share of MACs measured from the graph ORT runs on this host (coverage.Coverage)."""
         import onnx
-
-        from edgeres.coverage import from_layers
-        from edgeres.fallback import all_layers, module_name
 
         layers = layers if layers is not None else all_layers(onnx.load(str(artifact.path)))
         int8 = {module_name(w) for w in int8_weights(artifact.path, options)}
@@ -341,24 +341,3 @@ def int8_weights(onnx_path: str | Path, options: RuntimeOptions | None = None) -
     return {n.input[INT8_KERNELS[n.op_type]] for n in graph.node
             if n.op_type in INT8_KERNELS and len(n.input) > INT8_KERNELS[n.op_type]}
 
-
-def output_shapes(onnx_model, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the named tensors in one run on zeros at batch 1 (where ONNX shape inference cannot tell)."""
-    import copy as _copy
-
-    import onnx
-    import onnxruntime as ort
-
-    model = _copy.deepcopy(onnx_model)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    tensor = model.graph.input[0].type.tensor_type
-    shape = [d.dim_value or 1 for d in tensor.shape.dim]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
-    x = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    outs = [o.name for o in session.get_outputs()]
-    values = session.run(None, {model.graph.input[0].name: x})
-    return {n: tuple(v.shape) for n, v in zip(outs, values, strict=True) if n in set(names)}
