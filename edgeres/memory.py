@@ -10,8 +10,8 @@ allocation planner, the pass lets
 - a Conv whose only reader is a residual Add writes into the Add's other input (ORT's NCHWc Conv
   with Sum at ORT_ENABLE_ALL, TensorRT's conv+add fusion); `fuse_conv_add=False` drops this rule.
 The peak is the largest sum of live buffers at any node, counting that node's inputs and outputs.
-Checked against ONNX Runtime's measured peak (`measure_ort_peak`, FP32, batch 64/128, WRN-10-1/2/4):
-within 1 %, at ORT_ENABLE_ALL with the fusion rule and at ORT_ENABLE_BASIC without it.
+Checked against ONNX Runtime's measured peak (`peakmem.measure_peak`, FP32, batch 64/128, WRN-10-1/2/4):
+within 1 %, at ORT_ENABLE_ALL with the fusion rule (and, when first measured, at ORT_ENABLE_BASIC without it).
 
 Bytes per element follow the precision the target runs (`activation_bytes`):
 - fp32: 4 bytes everywhere.
@@ -30,12 +30,7 @@ the engine/session overhead (code, CUDA context, allocator slack) and the memory
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from torch import nn
 
@@ -242,78 +237,3 @@ def weight_bytes(model: nn.Module, precision: str) -> int:
     total += 4 * sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return total
 
-
-# ---------------------------------------------------------------- ONNX Runtime's measured peak
-
-_PROBE = r"""
-import json, sys
-import numpy as np
-import onnxruntime as ort
-
-path, batch, size, opt, arena, pattern, threads = sys.argv[1:8]
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise SystemExit("no " + key + " in /proc/self/status")
-
-so = ort.SessionOptions()
-so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt)
-so.enable_cpu_mem_arena = arena == "1"
-so.enable_mem_pattern = pattern == "1"
-so.intra_op_num_threads = int(threads)
-so.inter_op_num_threads = 1
-so.log_severity_level = 3
-sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-name = sess.get_inputs()[0].name
-x = np.random.default_rng(0).standard_normal((int(batch), 3, int(size), int(size)), dtype=np.float32)
-deltas = []
-for _ in range(3):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set (VmHWM) to the current one
-    base = status("VmRSS")
-    y = sess.run(None, {name: x})[0]
-    deltas.append(status("VmHWM") - base)
-    del y
-print(json.dumps({"deltas": deltas}))
-"""
-
-
-@dataclass(frozen=True)
-class OrtPeak:
-    """ONNX Runtime's measured activation memory: the rise of the peak resident set during one run."""
-
-    batch: int
-    bytes: int  # the median over three runs
-    runs: list[int]
-    settings: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def measure_ort_peak(onnx_path: str | Path, *, batch: int, input_size: int, optimization: str = "ORT_ENABLE_ALL",
-                     arena: bool = False, mem_pattern: bool = False, threads: int = 1,
-                     timeout: float = 600) -> OrtPeak:
-    """Run the model in a fresh process and measure how far its peak RSS rises above the RSS before a run.
-
-    The input is allocated before the baseline, so the figure is what ONNX Runtime allocates itself:
-    activations, the output and kernel workspaces. The CPU arena is off and glibc's mmap threshold is
-    fixed at 64 KiB, so every large buffer is mapped when allocated and returned when freed (an arena
-    would keep the first run's memory and hide the next run's peak; glibc's default threshold grows
-    after frees and would serve later buffers from a heap that is not trimmed). Linux only
-    (/proc/self/clear_refs resets the peak).
-    """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    args = [sys.executable, "-c", _PROBE, str(onnx_path), str(batch), str(input_size), optimization,
-            "1" if arena else "0", "1" if mem_pattern else "0", str(threads)]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EdgeresError(f"the ONNX Runtime memory probe failed: {tail[0]}")
-    runs = json.loads(proc.stdout.strip().splitlines()[-1])["deltas"]
-    settings = {"graph_optimization_level": optimization, "enable_cpu_mem_arena": arena,
-                "enable_mem_pattern": mem_pattern, "intra_op_num_threads": threads}
-    return OrtPeak(batch=batch, bytes=sorted(runs)[len(runs) // 2], runs=runs, settings=settings)

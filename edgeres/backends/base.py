@@ -65,6 +65,10 @@ class Backend(Protocol):
 
     def run(self, session: Session, batch: np.ndarray) -> np.ndarray: ...
 
+    # edgeres.peakmem.PeakMemory: the rise of this process's peak RSS for one inference (peakmem.measure_peak)
+    def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
+                    options: RuntimeOptions | None = None) -> Any: ...
+
 
 # The registry: runtime name -> "module:Class", imported on first use. A new runtime is one line here.
 _BACKENDS = {

@@ -46,6 +46,7 @@ from edgeres.onnxgraph import (
     store_int8_weights,
     zero_point,
 )
+from edgeres.peakmem import PeakMemory, peak_rise, summarize
 
 if TYPE_CHECKING:
     from edgeres.targets import Target
@@ -401,6 +402,20 @@ class OpenVINOBackend:
     def run(self, session: OpenVINOSession, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return session.request.infer({0: x}, share_inputs=True)[0]
+
+    def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
+                    options: RuntimeOptions | None = None) -> PeakMemory:
+        """The rise of this process's peak RSS during the first inference of a freshly loaded model at `batch`,
+        the median over three loads (peakmem.measure_peak calls it in a fresh process). The CPU plugin allocates
+        its activation memory at a request's first inference and keeps it: later inferences rise by nothing."""
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+        runs = []
+        for _ in range(3):
+            session = self.load(artifact, options)
+            runs.append(peak_rise(lambda s=session: self.run(s, x)))
+            del session
+        settings = {"measured": "first inference of a freshly loaded model", **compile_config(options)}
+        return summarize(self.name, batch, runs, settings)
 
 
 _MAC_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul"}

@@ -40,6 +40,7 @@ from edgeres.onnxgraph import (
     store_int8_weights,
     zero_point,
 )
+from edgeres.peakmem import PeakMemory, peak_rise, summarize
 
 if TYPE_CHECKING:
     from edgeres.targets import Target
@@ -319,6 +320,24 @@ class OrtBackend:
     def run(self, session, batch: np.ndarray) -> np.ndarray:
         name = session.get_inputs()[0].name
         return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
+                    options: RuntimeOptions | None = None) -> PeakMemory:
+        """The rise of this process's peak RSS during one run at `batch`, the median of three (peakmem.measure_peak
+        calls it in a fresh process). The CPU arena and memory patterns are off, so each run allocates and frees
+        what it needs (an arena would keep the first run's memory and hide the next run's peak)."""
+        import onnxruntime as ort
+
+        so = session_options(options)
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        session = ort.InferenceSession(_model_for_host(artifact.path), so, providers=PROVIDERS)
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+        feed = {session.get_inputs()[0].name: x}
+        runs = [peak_rise(lambda: session.run(None, feed)) for _ in range(3)]
+        settings = {"graph_optimization_level": "ORT_ENABLE_ALL", "enable_cpu_mem_arena": False,
+                    "enable_mem_pattern": False, "intra_op_num_threads": so.intra_op_num_threads}
+        return summarize(self.name, batch, runs, settings)
 
 
 # Fused int8 kernels in ORT's optimized graph, and the input that holds the layer's weight.

@@ -191,3 +191,10 @@ class TensorRTBackend:
         feed = {session.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
         outputs = session.runner.infer(feed)
         return np.asarray(next(iter(outputs.values())))
+
+    def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
+                    options: RuntimeOptions | None = None):
+        """Not measured: an engine's activations live in CUDA device memory, which the resident-set probe
+        (peakmem) need not see, and no device has checked it against the estimate."""
+        raise EdgeresError("edgeres does not measure TensorRT's peak memory (CUDA device memory, not this "
+                           "process's resident set); use the estimate (edgeres.memory)")
