@@ -17,6 +17,7 @@ from torch import nn
 
 from edgeres.errors import ExportError
 from edgeres.io import atomic_write
+from edgeres.progress import quiet_libraries
 
 if TYPE_CHECKING:
     from edgeres.backends.base import Backend
@@ -37,10 +38,11 @@ def export_onnx(
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with atomic_write(path) as tmp:
         try:
-            torch.onnx.export(
-                model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
-            )
+            with quiet_libraries():  # the exporter's notes (constant folding of Slice, ...) are no user's business
+                torch.onnx.export(
+                    model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                )
         except Exception as exc:  # noqa: BLE001  (the exporter raises many types; name the step)
             raise ExportError(f"ONNX export failed: {exc}; export a stripped model (compress.quantize.strip)") from exc
     return path

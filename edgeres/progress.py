@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -89,3 +91,22 @@ def progress() -> Iterator[Progress | PlainProgress]:
 def info(message: str) -> None:
     if not _quiet():
         console.print(message, highlight=False)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Drop other libraries' Python warnings and log records below ERROR inside the block (EDGERES_DEBUG=1 keeps
+    them): the exporter's constant-folding notes, NNCF's INFO lines, torchao's missing-kernel notes are not the
+    user's business on a clean run. Scoped: the warning filters and logging's disable level are restored on exit.
+    Log levels are not touched: NNCF and torch reset their loggers' levels when first imported (often inside)."""
+    if os.environ.get("EDGERES_DEBUG"):
+        yield
+        return
+    before = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a library's warning names its caller's line: edgeres's, often)
+        logging.disable(max(before, logging.WARNING))
+        try:
+            yield
+        finally:
+            logging.disable(before)

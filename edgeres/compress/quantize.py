@@ -22,6 +22,7 @@ from edgeres.compress.fold_bn import fold_bn
 from edgeres.errors import CheckpointError, ModelError
 from edgeres.finetune import FinetuneOptions, finetune
 from edgeres.io import atomic_write
+from edgeres.progress import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,17 @@ def ptq(
     if not batches:
         raise ModelError("int8 calibration needs data; pass calibration batches (e.g. --calib-size 512)")
     folded = fold_bn(model, example_input=example_input, depthwise=options.bn_as_conv).model
-    qmodel = nncf.quantize(
-        folded,
-        nncf.Dataset(batches),
-        subset_size=len(batches),
-        advanced_parameters=AdvancedQuantizationParameters(
-            disable_bias_correction=not options.bias_correction,
-            # NNCF would give a depthwise conv's input per-channel scales; ORT's QLinearAdd feeding it needs one
-            activations_quantization_params=QuantizationParameters(per_channel=False),
-        ),
-    )
+    with quiet_libraries():  # NNCF's INFO lines and tracer warnings; its progress bars stay
+        qmodel = nncf.quantize(
+            folded,
+            nncf.Dataset(batches),
+            subset_size=len(batches),
+            advanced_parameters=AdvancedQuantizationParameters(
+                disable_bias_correction=not options.bias_correction,
+                # NNCF would give a depthwise conv's input per-channel scales; ORT's QLinearAdd feeding it needs one
+                activations_quantization_params=QuantizationParameters(per_channel=False),
+            ),
+        )
     qmodel.bn_as_conv = options.bn_as_conv  # load_quantized rebuilds the same modules
     if options.signed_activations:
         make_activations_signed(qmodel)
@@ -124,9 +126,10 @@ def qat(
     if epochs < 1 or steps_per_epoch < 1:
         raise ModelError(f"QAT needs epochs >= 1 and steps_per_epoch >= 1, got {epochs} and {steps_per_epoch}")
     options = options or QatOptions()
-    history = finetune(qmodel, train_batches_fn, epochs, steps_per_epoch=steps_per_epoch, desc="QAT",
-                       options=FinetuneOptions(lr=options.lr, momentum=options.momentum,
-                                               weight_decay=options.weight_decay))
+    with quiet_libraries():
+        history = finetune(qmodel, train_batches_fn, epochs, steps_per_epoch=steps_per_epoch, desc="QAT",
+                           options=FinetuneOptions(lr=options.lr, momentum=options.momentum,
+                                                   weight_decay=options.weight_decay))
     if on_epoch is not None:
         for entry in history:
             on_epoch(entry["epoch"] - 1, entry["loss"], entry["train_accuracy"])
@@ -164,7 +167,8 @@ def load_quantized(path: str | Path, model: nn.Module, example_input: torch.Tens
     if not isinstance(payload, dict) or payload.get("format") != "edgeres-nncf-int8/1":
         raise CheckpointError(f"{path} is not an edgeres int8 checkpoint; save it with save_quantized")
     folded = fold_bn(model, example_input=example_input, depthwise=payload.get("bn_as_conv", False)).model
-    qmodel = load_from_config(folded, payload["nncf_config"])
+    with quiet_libraries():
+        qmodel = load_from_config(folded, payload["nncf_config"])
     try:
         qmodel.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -181,7 +185,8 @@ def strip(qmodel: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """A copy with NNCF quantizers replaced by torch fake-quant ops (exports to ONNX Q/DQ)."""
     import nncf
 
-    stripped = nncf.strip(qmodel, do_copy=True, example_input=example_input)
+    with quiet_libraries():  # torchao, imported here, notes its missing GPU kernels
+        stripped = nncf.strip(qmodel, do_copy=True, example_input=example_input)
     if hasattr(qmodel, "cfg"):
         stripped.cfg = qmodel.cfg
     return stripped.eval()
