@@ -6,7 +6,9 @@ for every output a command is given: a folder is replaced (or filled) only when 
 (its `.edgeres` marker, or an export's manifest.json), a file only when edgeres wrote it; anything else is an
 error naming the path and the way out, before any work and with nothing touched. Temp files and folders left
 beside an output by a process that was killed (SIGKILL cannot be caught) are removed by the next write there,
-or reported while their process still runs.
+or reported while their process still runs. One writer per output: `output_lock` holds an flock on
+`.NAME.edgeres.lock` beside it while it is written (`atomic_write`, `atomic_dir`, a training run), and a second
+edgeres process stops with one line naming the first; the kernel drops the lock when its process dies, however.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,6 +147,7 @@ def check_output_dir(path: str | os.PathLike, *, option: str = "--out", kind: st
         raise OutputError(f"{option} {path} is a file, not a folder; pass another {option} "
                           "(edgeres never replaces a file with a folder)")
     _refuse_special(path, option)
+    _not_being_written(path, option)
     if path.is_dir():
         try:
             empty = not any(path.iterdir())
@@ -169,6 +174,7 @@ def check_output_file(path: str | os.PathLike, *, option: str = "--out") -> Path
     if path.exists() and not file_made_by_edgeres(path):
         raise OutputError(f"{option} {path} exists and edgeres did not write it; pass another {option}, "
                           "or remove the file yourself")
+    _not_being_written(path, option)
     _probe_writable(path, option)
     return path
 
@@ -252,12 +258,124 @@ def _remove_made(folders: list[Path]) -> None:
             return
 
 
+# ---------------------------------------------------------------- one writer per output
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{TEMP_TAG}.lock")
+
+
+def _holder_text(lock: Path) -> tuple[int | None, str]:
+    """The pid holding `lock` and who it is, from what the holder wrote inside ("edgeres process 12 (...)")."""
+    info = _json(lock)
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+        return None, "another edgeres process"
+    return info["pid"], f"edgeres process {info['pid']} ({info.get('command', '?')}, since {info.get('since', '?')})"
+
+
+def _busy(fd: int, patience: float = 1.0) -> bool:
+    """Take the lock on `fd`: False once it is ours, True while another holds it for `patience` seconds (a
+    `check_output_*` probe holds it for microseconds; a writer for the whole write)."""
+    import fcntl
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.05)
+
+
+def _not_being_written(path: Path, option: str) -> None:
+    """OutputError when another process holds `path`'s write lock (checked before any work; nothing is taken)."""
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY)
+    except OSError:  # no lock file (or none readable): nobody writes it now
+        return
+    try:
+        busy = _busy(fd)
+    except OSError:  # a file system without flock
+        busy = False
+    finally:
+        os.close(fd)  # and with it the probe's own lock, if it got one
+    pid, holder = _holder_text(_lock_path(path))
+    if busy and pid != os.getpid():
+        raise OutputError(f"{option} {path} is being written by {holder}; wait for it to finish or pass another "
+                          f"{option}")
+
+
+def _acquire(path: Path) -> int | None:
+    """The fd holding `path`'s write lock, or None where this process holds it already or flock is unsupported."""
+    lock = _lock_path(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _disk_error(lock, exc) from exc
+        try:
+            busy = _busy(fd)
+        except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): write unguarded, as before
+            os.close(fd)
+            return None
+        if busy:
+            os.close(fd)
+            pid, holder = _holder_text(lock)
+            if pid == os.getpid():  # a write inside this process's own (a file inside its folder)
+                return None
+            raise OutputError(f"{path} is being written by {holder}; wait for it to finish or write elsewhere")
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed meanwhile: ours
+            break
+        os.close(fd)
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    record = {"pid": os.getpid(), "command": command[:160], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(record) + "\n").encode())
+    return fd
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the write lock of `path` (an flock on `.NAME.edgeres.lock` beside it) for the block.
+
+    Another process holding it: OutputError naming it (pid, command, since when), before anything is written.
+    The kernel drops an flock when its process dies, even by SIGKILL, so the lock file of a dead process is
+    simply taken over. Re-entrant within one process; the holder removes the lock file when it is done.
+    """
+    path = Path(path)
+    made = _make_parent(path)
+    try:
+        fd = _acquire(path)
+        try:
+            yield path
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):  # unlink while holding it: a waiter then sees a new inode
+                    os.unlink(_lock_path(path))
+                os.close(fd)
+    finally:
+        _remove_made(made)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`.
 
-    On any failure (including KeyboardInterrupt) the temp file is removed and `path` is untouched.
+    On any failure (including KeyboardInterrupt) the temp file is removed and `path` is untouched. The write
+    holds `path`'s `output_lock`.
     """
+    with output_lock(path), _atomic_write(path) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     sweep_stale(path)
@@ -302,7 +420,14 @@ def atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Pat
 
     `path` must pass `check_output_dir` (checked again here, so a folder that appeared meanwhile is safe too).
     The new folder carries edgeres's marker. A failure or Ctrl-C leaves any previous `path` exactly as it was.
+    The whole block holds `path`'s `output_lock`: a second edgeres process writing `path` stops naming this one.
     """
+    with output_lock(path), _atomic_dir(path, kind=kind) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: str | os.PathLike, *, kind: str = "export") -> Iterator[Path]:
     path = Path(path)
     check_output_dir(path, kind=kind)
     made = _make_parent(path)

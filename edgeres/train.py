@@ -32,7 +32,7 @@ from edgeres.data import AnyDataset, batches, num_batches
 from edgeres.errors import CheckpointError, EdgeresError
 from edgeres.evaluate import EvalResult, evaluate, result_from_counts
 from edgeres.finetune import run_epoch
-from edgeres.io import MARKER, atomic_write, check_output_dir, made_by_edgeres, write_marker
+from edgeres.io import MARKER, atomic_write, check_output_dir, made_by_edgeres, output_lock, write_marker
 from edgeres.progress import info
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -386,7 +386,8 @@ def train_model(
                getattr(model, "edgeres_pruned", None), dict(extra_checkpoint or {}), data_fingerprint(train_ds))
     created = not out_dir.exists()
     try:
-        return _train(model, train_ds, test_ds, run, resume)
+        with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes; one run per folder
+            return _train(model, train_ds, test_ds, run, resume)
     except BaseException:
         if created and rank == 0:
             _remove_if_empty_run(out_dir)

@@ -213,3 +213,40 @@ def test_transfer_learning_at_224_px_carries_the_folder_class_names(tmp_path):
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     assert manifest["classes"] == ["daisy", "rose"] and manifest["input_shape"][-1] == 224
     assert report.rows[0].eval_images == 2
+
+
+def test_a_second_export_into_the_same_folder_stops_and_a_clean_run_prints_no_library_noise(tmp_path):
+    """Two real processes: the second names the first and exits 1; the first finishes whole, and its stderr holds
+    edgeres's progress only (no exporter UserWarning, NNCF INFO, torchao or torch log lines)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exp"
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGERES_DEBUG", "EDGERES_QUIET")}
+    cmd = [sys.executable, "-m", "edgeres.cli", "export", "resnet20", "--data", "synthetic", "--random-init",
+           "--int8", "--calib", "64", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (tmp_path / ".exp.edgeres.lock").exists() and first.poll() is None:
+            time.sleep(0.05)
+        assert (tmp_path / ".exp.edgeres.lock").exists(), "the first export never started writing"
+        first.send_signal(signal.SIGSTOP)  # hold it mid-write, however slow the second is to start
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert second.returncode == 1 and second.stdout == ""
+    assert second.stderr.strip().splitlines() == [
+        line for line in second.stderr.strip().splitlines() if line.startswith("error: --out ")]
+    assert f"is being written by edgeres process {first.pid} (cli.py export resnet20" in second.stderr
+    assert first.returncode == 0, stderr
+    assert (out / "manifest.json").is_file() and "int8" in stdout
+    noise = [line for line in stderr.splitlines()
+             if any(word in line for word in ("Warning", "INFO:", "site-packages", "Failed to load", "triton"))]
+    assert noise == [], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no lock file, no temp folder left

@@ -144,3 +144,64 @@ def test_export_folders_made_before_markers_are_recognised_by_their_manifest(tmp
     (old / "manifest.json").write_text('{"format": "someone-else/1"}')
     with pytest.raises(OutputError, match="did not make"):
         check_output_dir(old)
+
+
+# ---------------------------------------------------------------- one writer per output
+
+_HOLD = """
+import sys, time
+from edgeres.io import atomic_dir
+with atomic_dir(sys.argv[1]) as d:
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def _writer(out):
+    """Another real process in the middle of writing `out` (inside atomic_dir), once this returns."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_second_writer_stops_naming_the_first(tmp_path):
+    out = tmp_path / "export"
+    proc = _writer(out)
+    try:
+        for attempt in (lambda: check_output_dir(out), lambda: atomic_dir(out).__enter__(),
+                        lambda: atomic_write(out).__enter__()):
+            with pytest.raises(OutputError, match=rf"is being written by edgeres process {proc.pid} \(-c "):
+                attempt()
+        assert not out.exists()  # nothing of the first touched, nothing of the second made
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    out = tmp_path / "export"
+    proc = _writer(out)
+    proc.kill()  # SIGKILL: no cleanup ran; the kernel dropped its flock
+    proc.wait()
+    assert (tmp_path / ".export.edgeres.lock").is_file()  # left behind, naming a dead pid
+    with atomic_dir(out) as d:
+        (d / "model.onnx").write_text("mine now")
+    assert (out / "model.onnx").read_text() == "mine now"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # its temp folder swept, the lock file gone
+
+
+def test_a_write_inside_the_own_locked_folder_is_fine(tmp_path):
+    out = tmp_path / "export"
+    with atomic_dir(out) as d:
+        assert (tmp_path / ".export.edgeres.lock").is_file()
+        check_output_dir(out)  # this process's own lock: no error
+        with atomic_write(d / "model.onnx") as f:
+            f.write_text("x")
+        with atomic_write(tmp_path / "plot.png") as f:  # another output, another lock
+            f.write_bytes(b"png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "plot.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".edgeres", "model.onnx"]

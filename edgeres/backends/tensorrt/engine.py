@@ -21,7 +21,7 @@ from edgeres.backends.tensorrt.plan import (
 )
 from edgeres.backends.tensorrt.qdq import retarget_calibration_cache
 from edgeres.errors import EdgeresError, ExportError
-from edgeres.io import atomic_write, made_by_edgeres, sha256sum
+from edgeres.io import atomic_write, made_by_edgeres, output_lock, sha256sum
 from edgeres.targets import Target
 
 if TYPE_CHECKING:
@@ -225,16 +225,17 @@ def ensure_engine(bundle_dir: str | os.PathLike, *, dla_core: int | None = None,
             raise EdgeresError(f"{bundle} was exported without DLA files; export it again for a board with DLA cores")
         onnx, engine = bundle / settings.onnx_noqdq, bundle / dla_engine_name(dla_core)
         cache = bundle / settings.calibration_cache if settings.calibration_cache else None
-    device = detect_device()
-    meta = read_engine_meta(engine)
-    if engine.is_file() and meta is not None:
-        reasons = fingerprint_mismatch(meta, device)
-        if meta.get("onnx_sha256") != sha256sum(onnx):
-            reasons.append(f"{onnx.name} changed since the build")
-        if not reasons:
-            return engine
-        print(f"{engine.name} does not fit this device ({'; '.join(reasons)}); rebuilding", file=log)
-    elif engine.is_file():
-        print(f"{engine.name} has no build record; rebuilding", file=log)
-    return build_engine(onnx, engine, target, workspace_mb=settings.workspace_mb, dla_core=dla_core,
-                        calib_cache=cache, precision=settings.precision)
+    with output_lock(engine):  # one build per engine: a second `edgeres build` stops, naming this one
+        device = detect_device()
+        meta = read_engine_meta(engine)
+        if engine.is_file() and meta is not None:
+            reasons = fingerprint_mismatch(meta, device)
+            if meta.get("onnx_sha256") != sha256sum(onnx):
+                reasons.append(f"{onnx.name} changed since the build")
+            if not reasons:
+                return engine
+            print(f"{engine.name} does not fit this device ({'; '.join(reasons)}); rebuilding", file=log)
+        elif engine.is_file():
+            print(f"{engine.name} has no build record; rebuilding", file=log)
+        return build_engine(onnx, engine, target, workspace_mb=settings.workspace_mb, dla_core=dla_core,
+                            calib_cache=cache, precision=settings.precision)
