@@ -1,7 +1,12 @@
-"""The wheel is complete: built from the checkout, installed in a fresh environment, run from elsewhere.
+"""The wheel is complete: built from the checkout, installed apart from it, run from elsewhere.
 
 targets/*.toml and calibration/*.toml live at the top of the repository; the wheel must carry them
 (edgeres/_data/...), or every non-editable install fails at `edgeres targets`.
+
+The wheel goes (--no-deps) into a folder of its own put first on PYTHONPATH, and its console script runs on
+this interpreter: so its dependencies are whatever this interpreter has, be it the system's Python, a venv or a
+conda env (a venv made from inside a venv would see the base interpreter's packages, not these), and nothing
+is fetched from the network.
 """
 
 import json
@@ -36,7 +41,7 @@ def _can_build_wheels() -> bool:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, dict]:
-    """A venv (system site-packages for torch & co.) holding only the wheel's edgeres; its bin and env."""
+    """The wheel's edgeres alone in a folder first on PYTHONPATH; its console scripts' folder and the env."""
     if not _can_build_wheels():
         pytest.skip("this environment's setuptools cannot build wheels (needs >= 70.1 or the wheel package)")
     tmp = tmp_path_factory.mktemp("wheel")
@@ -47,22 +52,22 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
             shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, src / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
-          "-w", str(tmp / "dist")])
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", str(src), "-w", str(tmp / "dist")])
     wheel = next((tmp / "dist").glob("edgeres-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for folder in ("targets", "calibration"):
         shipped = {Path(n).name for n in names if n.startswith(f"edgeres/_data/{folder}/")}
         assert shipped == {p.name for p in (ROOT / folder).glob("*.toml")}, f"{folder}/ incomplete in the wheel"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp / "venv")])
-    bin_dir = tmp / "venv" / "bin"
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q",
-          "--disable-pip-version-check", str(wheel)])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGERES_TARGETS", "EDGERES_CALIBRATION")}
-    env.update(EDGERES_NO_DOWNLOAD="1", EDGERES_QUIET="1", PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
-    where = _run([str(bin_dir / "python"), "-c", "import edgeres, sys; print(edgeres.__file__)"], env=env,
-                 cwd=tmp).stdout.strip()
-    assert Path(where).is_relative_to(tmp / "venv"), f"the venv imports edgeres from {where}, not from the wheel"
+    site = tmp / "site"
+    _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), "-q", str(wheel)])
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGERES_TARGETS", "EDGERES_CALIBRATION")}
+    env.update(PYTHONPATH=str(site), EDGERES_NO_DOWNLOAD="1", EDGERES_QUIET="1")
+    bin_dir = site / "bin"
+    script = (bin_dir / "edgeres").read_text()
+    assert sys.executable in script, f"the console script does not run on {sys.executable}:\n{script[:200]}"
+    where = _run([sys.executable, "-c", "import edgeres; print(edgeres.__file__)"], env=env, cwd=tmp).stdout.strip()
+    assert Path(where).is_relative_to(site), f"edgeres is imported from {where}, not from the wheel"
     return bin_dir, env
 
 
@@ -71,8 +76,8 @@ def test_wheel_lists_targets_outside_the_checkout(installed, tmp_path):
     res = _run([str(bin_dir / "edgeres"), "targets", "--json"], env=env, cwd=tmp_path)
     names = {t["name"] for t in json.loads(res.stdout)}
     assert {p.stem for p in (ROOT / "targets").glob("*.toml")} == names
-    sources = [str(t["source"]) for t in json.loads(res.stdout)]
-    assert all("site-packages" in s and not s.startswith(str(ROOT)) for s in sources), sources
+    sources = [Path(t["source"]) for t in json.loads(res.stdout)]
+    assert all(s.is_relative_to(bin_dir.parent) for s in sources), sources  # the wheel's copies, not the checkout's
 
 
 def test_wheel_exports_for_jetson_outside_the_checkout(installed, tmp_path, resnet20_weights):
