@@ -308,7 +308,10 @@ def _not_being_written(path: Path, option: str) -> None:
 
 
 def _acquire(path: Path) -> int | None:
-    """The fd holding `path`'s write lock, or None where this process holds it already or flock is unsupported."""
+    """The fd holding `path`'s write lock, or None where this process holds it already or flock is unsupported.
+
+    Interrupted (Ctrl-C, SIGTERM) at any point, it leaves no lock file that it took behind.
+    """
     lock = _lock_path(path)
     while True:
         try:
@@ -320,6 +323,12 @@ def _acquire(path: Path) -> int | None:
         except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): write unguarded, as before
             os.close(fd)
             return None
+        except BaseException:  # interrupted: remove the file only if it is ours to remove (nobody holds it)
+            if not _busy(fd, patience=0):
+                _release(path, fd)
+            else:
+                os.close(fd)
+            raise
         if busy:
             os.close(fd)
             pid, holder = _holder_text(lock)
@@ -327,17 +336,33 @@ def _acquire(path: Path) -> int | None:
                 return None
             raise OutputError(f"{path} is being written by {holder}; wait for it to finish or write elsewhere")
         try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # not a file its last holder removed meanwhile: ours
-            break
+            if _same_file(lock, fd):  # not a file its last holder removed meanwhile: ours
+                command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+                record = {"pid": os.getpid(), "command": command[:160], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(record) + "\n").encode())
+                return fd
+        except BaseException:
+            _release(path, fd)
+            raise
         os.close(fd)
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-    record = {"pid": os.getpid(), "command": command[:160], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps(record) + "\n").encode())
-    return fd
+
+
+def _same_file(lock: Path, fd: int) -> bool:
+    try:
+        return os.stat(lock).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _release(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (a taker waiting on it then sees another inode), then let go.
+
+    Only the holder removes it, and only while the name still is its file, so no one else's lock is removed."""
+    if _same_file(_lock_path(path), fd):
+        with contextlib.suppress(OSError):
+            os.unlink(_lock_path(path))
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -350,16 +375,13 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     made = _make_parent(path)
+    fd = None
     try:
         fd = _acquire(path)
-        try:
-            yield path
-        finally:
-            if fd is not None:
-                with contextlib.suppress(OSError):  # unlink while holding it: a waiter then sees a new inode
-                    os.unlink(_lock_path(path))
-                os.close(fd)
+        yield path
     finally:
+        if fd is not None:
+            _release(path, fd)
         _remove_made(made)
 
 
