@@ -10,7 +10,7 @@ allocation planner, the pass lets
 - a Conv whose only reader is a residual Add writes into the Add's other input (ORT's NCHWc Conv
   with Sum at ORT_ENABLE_ALL, TensorRT's conv+add fusion); `fuse_conv_add=False` drops this rule.
 The peak is the largest sum of live buffers at any node, counting that node's inputs and outputs.
-Checked against ONNX Runtime's measured peak (`peakmem.measure_peak`, FP32, batch 64/128, WRN-10-1/2/4):
+Checked against ONNX Runtime's measured peak (`measure_peak`, FP32, batch 64/128, WRN-10-1/2/4):
 within 1 %, at ORT_ENABLE_ALL with the fusion rule (and, when first measured, at ORT_ENABLE_BASIC without it).
 
 Bytes per element follow the precision the target runs (`activation_bytes`):
@@ -30,11 +30,19 @@ the engine/session overhead (code, CUDA context, allocator slack) and the memory
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from edgeres.errors import EdgeresError
+from edgeres.peakmem import PeakMemory, can_measure
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgeres.backends.base import Artifact
 
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
@@ -224,6 +232,8 @@ def activation_memory(onnx_model, *, batch: int, precision: str = "fp32", fuse_c
 
 def weight_bytes(model: nn.Module, precision: str) -> int:
     """Parameter bytes at `precision` (see the module docstring for the int8 rule)."""
+    from torch import nn
+
     if precision not in PRECISION_BYTES:
         raise EdgeresError(f"precision must be one of {', '.join(PRECISION_BYTES)}, got {precision!r}")
     if precision != "int8":
@@ -237,3 +247,42 @@ def weight_bytes(model: nn.Module, precision: str) -> int:
     total += 4 * sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return total
 
+
+
+# ---------------------------------------------------------------- a runtime's measured peak
+
+MMAP_THRESHOLD = 64 * 1024  # glibc M_MMAP_THRESHOLD: buffers above it are mapped and unmapped one by one
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _in_fresh_process(artifact: Artifact, batch: int, input_shape: tuple[int, ...], threads: int) -> PeakMemory:
+    import ctypes
+
+    from edgeres.backends.base import RuntimeOptions, get_backend
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt") or libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        raise EdgeresError("cannot fix the allocator's mmap threshold (glibc mallopt); peak memory not measured")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # this process is ours: set before the runtime loads
+    return get_backend(artifact.runtime).peak_memory(artifact, batch=batch, input_shape=input_shape,
+                                                     options=RuntimeOptions(threads=threads))
+
+
+def measure_peak(artifact: Artifact, *, batch: int, input_shape: Sequence[int], threads: int = 1,
+                 timeout: float = 600) -> PeakMemory:
+    """The artifact's peak memory for one inference at `batch`, measured by its backend (`peak_memory`).
+
+    In a fresh spawned process, like latency, so the figure does not depend on what this process did before, and
+    with glibc's mmap threshold fixed at 64 KiB: every large buffer is then mapped when allocated and returned when
+    freed (the default threshold grows after frees and would serve later buffers from a heap that is not trimmed).
+    """
+    if batch < 1:
+        raise EdgeresError(f"batch must be >= 1, got {batch}")
+    if not can_measure():
+        raise EdgeresError("peak memory is measured on Linux only (/proc/self/clear_refs resets the peak)")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the worker
+        job = pool.apply_async(_in_fresh_process, (artifact, batch, tuple(int(v) for v in input_shape), threads))
+        try:
+            return job.get(timeout)
+        except multiprocessing.TimeoutError:
+            raise EdgeresError(f"measuring the peak memory of {artifact.path} took over {timeout:.0f} s") from None

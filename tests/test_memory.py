@@ -4,10 +4,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from edgeres import models
+from edgeres import models, targets
+from edgeres.backends import Artifact, get_backend
 from edgeres.errors import EdgeresError
 from edgeres.export import export_onnx
-from edgeres.memory import activation_memory, weight_bytes
+from edgeres.memory import activation_memory, measure_peak, weight_bytes
+from edgeres.peakmem import can_measure
 
 
 def _graph(nodes, inputs, outputs, inits=()):
@@ -88,3 +90,35 @@ def test_conv_add_fusion_saves_a_wide_tensor(wrn_onnx):
     unit = 4 * 32 * 32 * 32 * 4  # one stage-1 tensor of wrn-10-2 at batch 4
     assert plain.runtime_peak_bytes - fused.runtime_peak_bytes == pytest.approx(unit / 2, rel=0.01)
 
+
+needs_proc = pytest.mark.skipif(not can_measure(), reason="the peak RSS is reset through /proc/self/clear_refs (Linux)")
+
+
+@needs_proc
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_onnxruntime_peak_matches_the_estimate(wrn_onnx, k):
+    """FP32 at batch 64 (activations dominate): the liveness estimate within 15 % of ORT's measured peak."""
+    est = activation_memory(onnx.load(str(wrn_onnx[k])), batch=64)
+    measured = measure_peak(Artifact(wrn_onnx[k], "onnxruntime", "fp32"), batch=64, input_shape=(3, 32, 32))
+    assert measured.runtime == "onnxruntime" and len(measured.runs) == 3
+    assert not measured.settings["enable_cpu_mem_arena"] and measured.settings["intra_op_num_threads"] == 1
+    ratio = measured.bytes / est.runtime_peak_bytes
+    assert 0.85 <= ratio <= 1.15, f"wrn-10-{k}: ORT {measured.runs} vs estimate {est.runtime_peak_bytes}"
+
+
+@needs_proc
+def test_openvino_peak_is_its_first_inference(wrn_onnx, tmp_path):
+    """OpenVINO allocates on a request's first inference: wrn-10-2 at batch 64 measured 20.6-23.0 MiB against
+    an estimate of 20.0 MiB (a second inference rises by nothing)."""
+    pytest.importorskip("openvino")
+    backend = get_backend("openvino")
+    artifact = backend.compile(wrn_onnx[2], targets.load("cpu-openvino"), tmp_path / "wrn.xml")
+    est = activation_memory(onnx.load(str(wrn_onnx[2])), batch=64)
+    measured = measure_peak(artifact, batch=64, input_shape=(3, 32, 32))
+    assert measured.runtime == "openvino" and measured.settings["INFERENCE_NUM_THREADS"] == 1
+    assert 0.85 <= measured.bytes / est.runtime_peak_bytes <= 1.3, measured.runs
+
+
+def test_measure_peak_rejects_a_bad_batch():
+    with pytest.raises(EdgeresError, match="batch"):
+        measure_peak(Artifact("m.onnx", "onnxruntime", "fp32"), batch=0, input_shape=(3, 32, 32))

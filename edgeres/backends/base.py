@@ -65,7 +65,7 @@ class Backend(Protocol):
 
     def run(self, session: Session, batch: np.ndarray) -> np.ndarray: ...
 
-    # edgeres.peakmem.PeakMemory: the rise of this process's peak RSS for one inference (peakmem.measure_peak)
+    # edgeres.peakmem.PeakMemory: the rise of this process's peak RSS for one inference (memory.measure_peak)
     def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
                     options: RuntimeOptions | None = None) -> Any: ...
 

@@ -406,7 +406,7 @@ class OpenVINOBackend:
     def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
                     options: RuntimeOptions | None = None) -> PeakMemory:
         """The rise of this process's peak RSS during the first inference of a freshly loaded model at `batch`,
-        the median over three loads (peakmem.measure_peak calls it in a fresh process). The CPU plugin allocates
+        the median over three loads (memory.measure_peak calls it in a fresh process). The CPU plugin allocates
         its activation memory at a request's first inference and keeps it: later inferences rise by nothing."""
         x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
         runs = []

@@ -323,7 +323,7 @@ class OrtBackend:
 
     def peak_memory(self, artifact: Artifact, *, batch: int, input_shape: tuple[int, ...],
                     options: RuntimeOptions | None = None) -> PeakMemory:
-        """The rise of this process's peak RSS during one run at `batch`, the median of three (peakmem.measure_peak
+        """The rise of this process's peak RSS during one run at `batch`, the median of three (memory.measure_peak
         calls it in a fresh process). The CPU arena and memory patterns are off, so each run allocates and frees
         what it needs (an arena would keep the first run's memory and hide the next run's peak)."""
         import onnxruntime as ort
