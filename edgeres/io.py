@@ -29,6 +29,11 @@ from pathlib import Path
 
 from edgeres.errors import EdgeresError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are written without the one-writer lock
+    fcntl = None
+
 log = logging.getLogger("edgeres")
 MARKER = ".edgeres"  # JSON inside every folder edgeres made: {"made_by": "edgeres", "kind": ...}
 TEMP_TAG = "edgeres"
@@ -276,8 +281,8 @@ def _holder_text(lock: Path) -> tuple[int | None, str]:
 def _busy(fd: int, patience: float = 1.0) -> bool:
     """Take the lock on `fd`: False once it is ours, True while another holds it for `patience` seconds (a
     `check_output_*` probe holds it for microseconds; a writer for the whole write)."""
-    import fcntl
-
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "no flock here")
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -301,8 +306,10 @@ def _not_being_written(path: Path, option: str) -> None:
         busy = False
     finally:
         os.close(fd)  # and with it the probe's own lock, if it got one
+    if not busy:
+        return
     pid, holder = _holder_text(_lock_path(path))
-    if busy and pid != os.getpid():
+    if pid != os.getpid():
         raise OutputError(f"{option} {path} is being written by {holder}; wait for it to finish or pass another "
                           f"{option}")
 
