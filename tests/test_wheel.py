@@ -63,6 +63,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), "-q", str(wheel)])
     env = {k: v for k, v in os.environ.items() if k not in ("EDGERES_TARGETS", "EDGERES_CALIBRATION")}
     env.update(PYTHONPATH=str(site), EDGERES_NO_DOWNLOAD="1", EDGERES_QUIET="1")
+    if env.get("EDGERES_DATA"):  # the README passes ../shared/data: relative to the checkout, not to where we run
+        env["EDGERES_DATA"] = str(Path(env["EDGERES_DATA"]).resolve())
     bin_dir = site / "bin"
     script = (bin_dir / "edgeres").read_text()
     assert sys.executable in script, f"the console script does not run on {sys.executable}:\n{script[:200]}"
