@@ -71,6 +71,19 @@ def test_save_load_round_trip_is_exact(tmp_path, fp32, qmodel):
         load_quantized(tmp_path / "plain.pt", create("resnet20"), X)
 
 
+def test_saved_config_names_no_class(tmp_path, qmodel):
+    """NNCF's enum is stored as a plain value: on Python 3.11.2 an enum pickles through `getattr`, which
+    weights-only loading refuses, so a class reference in the pickle would make the file unloadable there."""
+    import pickletools
+    import zipfile
+
+    path = save_quantized(tmp_path / "q.pt", qmodel)
+    with zipfile.ZipFile(path) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    classes = {arg for op, arg, _ in pickletools.genops(pkl) if op.name == "GLOBAL"}
+    assert classes and all(c.split()[0] in ("torch", "torch._utils", "collections") for c in classes), classes
+
+
 def test_strip_gives_the_same_logits(qmodel):
     stripped = strip(qmodel, X)
     assert "Quantizer" not in "".join(type(m).__name__ for m in stripped.modules())

@@ -136,12 +136,45 @@ def qat(
     return qmodel.eval()
 
 
+_ENUM_TAG = "__edgeres_enum__"
+
+
+def _plain_enums(obj):
+    """NNCF's config with every enum member as `{tag: class name, "value": value}`: how Python pickles an enum
+    differs between 3.11 releases (3.11.2 goes through `getattr`, which weights-only loading refuses)."""
+    import enum
+
+    if isinstance(obj, enum.Enum):
+        return {_ENUM_TAG: type(obj).__name__, "value": obj.value}
+    if isinstance(obj, dict):
+        return {k: _plain_enums(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain_enums(v) for v in obj)
+    return obj
+
+
+def _enums_back(obj, known: dict):
+    """`_plain_enums` undone for the enum classes in `known` (name -> class); any other tag is an error."""
+    if isinstance(obj, dict) and _ENUM_TAG in obj:
+        cls = known.get(obj[_ENUM_TAG])
+        if cls is None:
+            raise CheckpointError(f"quantized checkpoint names an unknown enum {obj[_ENUM_TAG]!r}; "
+                                  "re-run the int8 export")
+        return cls(obj["value"])
+    if isinstance(obj, dict):
+        return {k: _enums_back(v, known) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_enums_back(v, known) for v in obj)
+    return obj
+
+
 def save_quantized(path: str | Path, qmodel: nn.Module) -> Path:
     """Write NNCF's transformation config and the state_dict (loadable with weights_only=True)."""
     from nncf.torch import get_config
 
     path = Path(path)
-    payload = {"format": "edgeres-nncf-int8/1", "nncf_config": get_config(qmodel), "state_dict": qmodel.state_dict(),
+    payload = {"format": "edgeres-nncf-int8/1", "nncf_config": _plain_enums(get_config(qmodel)),
+               "state_dict": qmodel.state_dict(),
                "bn_as_conv": bool(getattr(qmodel, "bn_as_conv", False))}
     if hasattr(qmodel, "cfg"):
         payload["model_cfg"] = qmodel.cfg.to_dict()
@@ -159,7 +192,8 @@ def load_quantized(path: str | Path, model: nn.Module, example_input: torch.Tens
     from nncf.torch import load_from_config
 
     try:
-        # NNCF's config holds one enum; allow exactly that class in the weights-only unpickler.
+        # Checkpoints written before enums were stored as plain values pickle NNCF's one enum by class; allow
+        # exactly that class in the weights-only unpickler.
         with torch.serialization.safe_globals([QuantizationScheme]):
             payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
@@ -168,7 +202,8 @@ def load_quantized(path: str | Path, model: nn.Module, example_input: torch.Tens
         raise CheckpointError(f"{path} is not an edgeres int8 checkpoint; save it with save_quantized")
     folded = fold_bn(model, example_input=example_input, depthwise=payload.get("bn_as_conv", False)).model
     with quiet_libraries():
-        qmodel = load_from_config(folded, payload["nncf_config"])
+        config = _enums_back(payload["nncf_config"], {"QuantizationScheme": QuantizationScheme})
+        qmodel = load_from_config(folded, config)
     try:
         qmodel.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
